@@ -1,0 +1,58 @@
+//! The binary: parse the command line, start logging, run the loop. Only
+//! this file turns errors into exit codes (2: bad usage, 1: runtime).
+
+use std::process::ExitCode;
+
+use dotproxy::config::{self, Exit};
+
+fn main() -> ExitCode {
+    let cfg = match config::parse(std::env::args_os().skip(1).collect()) {
+        Ok(cfg) => cfg,
+        Err(Exit::Help) => {
+            print!("{}", config::HELP);
+            return ExitCode::SUCCESS;
+        }
+        Err(Exit::Version) => {
+            println!("dotproxy {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(Exit::Usage(msg)) => {
+            eprintln!("dotproxy: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    // rustls and mio narrate every record at debug; keep them one level
+    // quieter unless tracing.
+    let libs = cfg
+        .log_level
+        .min(log::LevelFilter::Info)
+        .max(log::LevelFilter::Warn.min(cfg.log_level));
+    let logger = simple_logger::SimpleLogger::new()
+        .with_level(cfg.log_level)
+        .with_module_level(
+            "rustls",
+            if cfg.log_level == log::LevelFilter::Trace {
+                log::LevelFilter::Trace
+            } else {
+                libs
+            },
+        )
+        .with_module_level("mio", libs);
+    if let Err(e) = logger.init() {
+        eprintln!("dotproxy: logger: {e}");
+    }
+    let mut proxy = match dotproxy::proxy::Proxy::bind(&cfg) {
+        Ok(p) => p,
+        Err(msg) => {
+            log::error!("{msg}");
+            return ExitCode::from(1);
+        }
+    };
+    match proxy.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("event loop: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

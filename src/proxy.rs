@@ -1,0 +1,1236 @@
+//! The one event loop. `Proxy` owns every socket, every connection state
+//! machine and every in-flight query; `run` is the only loop:
+//!
+//! 1. wait for readiness until the nearest deadline;
+//! 2. handle each event (accept, read queries, read answers);
+//! 3. flush every connection that has output (queries coalesce here);
+//! 4. expire queries and timers with the same `now`;
+//! 5. stop once a requested shutdown has drained.
+//!
+//! Queries live in a slab; each remembers where it came from, the bytes to
+//! re-send if its connection dies, and where it was sent. Upstream
+//! connections map rewritten IDs back to query keys. Every key that can
+//! outlive its target carries a generation, so a late answer for a reused
+//! slot is dropped, never misdelivered.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, UdpSocket};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::client::{Client, ReadOutcome, MAX_BUFFERED_OUT};
+use crate::config::{Config, Upstream as UpstreamConfig};
+use crate::dns::{self, ede, rcode, BadResponse, QueryInfo, Reject};
+use crate::id_table::{IdRng, Lookup, QueryRef};
+use crate::upstream::{CloseReason, ConnState, UpstreamConn};
+
+/// Queries in flight on one upstream connection before another is opened.
+const MAX_INFLIGHT_PER_CONN: usize = 1000;
+/// Connections per upstream; more only when the others are full
+/// (RFC 7766 §6.2.2 asks for few).
+const MAX_CONNS_PER_UPSTREAM: usize = 4;
+/// Timed-out IDs a connection may hold before it is drained and replaced.
+const MAX_TOMBSTONES: usize = 256;
+/// Upstream connections with nothing in flight close after this.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(20);
+/// TCP clients with nothing in flight close after this (RFC 7766 §6.2.3:
+/// "on the order of seconds").
+const CLIENT_IDLE: Duration = Duration::from_secs(10);
+const MAX_TCP_CLIENTS: usize = 1024;
+/// Pipelined queries one TCP client may have in flight; further frames
+/// wait in its buffer until answers come back.
+const MAX_CLIENT_INFLIGHT: u32 = 256;
+/// Datagrams read per listener per turn before other sockets get a go.
+const UDP_BATCH: usize = 1024;
+/// Answers kept for a UDP socket whose send buffer is full.
+const UDP_BACKLOG: usize = 4096;
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Each query is sent at most this often (first try plus one re-send when
+/// a connection dies under it).
+const MAX_ATTEMPTS: u8 = 2;
+const UDP_RCVBUF: libc::c_int = 4 << 20;
+
+const SIGNALS: Token = Token(0);
+const TAG_FIXED: usize = 0;
+const TAG_CLIENT: usize = 1;
+const TAG_CONN: usize = 2;
+const UDP_BASE: usize = 1;
+const TCP_BASE: usize = 1 << 16;
+
+fn token(tag: usize, index: usize) -> Token {
+    Token((index << 2) | tag)
+}
+
+/// Where an answer goes.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    Udp { listener: usize, peer: SocketAddr },
+    Tcp { key: usize, gen: u32 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    conn: usize,
+    conn_gen: u32,
+    id: u16,
+    at: Instant,
+}
+
+struct Pending {
+    gen: u32,
+    origin: Origin,
+    info: QueryInfo,
+    /// The client's query, with the client's ID.
+    msg: Vec<u8>,
+    attempts: u8,
+    sent: Option<Sent>,
+    /// The upstream of the last attempt, avoided on a re-send.
+    upstream: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Handshake { conn: usize, gen: u32 },
+    ConnIdle { conn: usize, gen: u32 },
+    ClientIdle { key: usize, gen: u32 },
+    AcceptRetry { listener: usize },
+}
+
+struct UdpListener {
+    sock: UdpSocket,
+    backlog: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Stopped before `WouldBlock` (batch limit): revisit next turn.
+    more: bool,
+}
+
+struct Upstream {
+    cfg: UpstreamConfig,
+    conns: Vec<usize>,
+    failures: u32,
+    down_until: Option<Instant>,
+    down: bool,
+}
+
+impl Upstream {
+    fn usable(&self, now: Instant) -> bool {
+        self.down_until.is_none_or(|t| t <= now)
+    }
+}
+
+/// Counters, logged at exit (and the base for metrics).
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub queries_udp: u64,
+    pub queries_tcp: u64,
+    pub answers: u64,
+    pub servfail: u64,
+    pub timeouts: u64,
+    pub rejected: u64,
+    pub dropped: u64,
+    pub truncated: u64,
+    pub retried: u64,
+    pub late_answers: u64,
+    pub unknown_ids: u64,
+    pub mismatched: u64,
+    pub udp_send_dropped: u64,
+    pub connects: u64,
+    pub resumed: u64,
+    pub upstream_failures: u64,
+}
+
+pub struct Proxy {
+    poll: Poll,
+    timeout: Duration,
+    tls: Arc<rustls::ClientConfig>,
+    udp: Vec<UdpListener>,
+    tcp: Vec<Option<TcpListener>>,
+    clients: Slab<Client>,
+    conns: Slab<UpstreamConn>,
+    upstreams: Vec<Upstream>,
+    queries: Slab<Pending>,
+    /// Query deadlines in arrival order; all share one timeout, so the
+    /// front is always the nearest. Entries of answered queries are skipped
+    /// (their generation no longer matches) and compacted away.
+    deadlines: VecDeque<(Instant, usize, u32)>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    rng: IdRng,
+    next_gen: u32,
+    dirty_conns: Vec<usize>,
+    dirty_clients: Vec<usize>,
+    resume_clients: Vec<usize>,
+    frame: Vec<u8>,
+    reply: Vec<u8>,
+    truncated: Vec<u8>,
+    read_buf: Box<[u8]>,
+    retry: Vec<QueryRef>,
+    free_bufs: Vec<Vec<u8>>,
+    signals: signal_hook_mio::v1_0::Signals,
+    stopping: Option<Instant>,
+    local: Vec<(&'static str, SocketAddr)>,
+    pub stats: Stats,
+}
+
+fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
+    // A burst of thousands of datagrams overflows the default ~208 KB
+    // buffer before the loop can drain it. SO_RCVBUFFORCE passes
+    // rmem_max when privileged; plain SO_RCVBUF is the fallback.
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket fd and a pointer to a live c_int of the
+        // size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
+/// Bind UDP and TCP on the same address; with port 0, on the same port.
+fn bind_pair(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = UdpSocket::bind(addr)?;
+        let bound = udp.local_addr()?;
+        match TcpListener::bind(bound) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            // The kernel's free UDP port may be a busy TCP port; with an
+            // explicit port there is nothing to retry.
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::ErrorKind::AddrInUse.into()))
+}
+
+impl Proxy {
+    /// Bind every listener and set up the loop; nothing is served until
+    /// [`run`](Self::run).
+    pub fn bind(cfg: &Config) -> Result<Proxy, String> {
+        let tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
+        let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        let mut local = Vec::new();
+        for (i, &addr) in cfg.listen.iter().enumerate() {
+            let (mut u, mut t) =
+                bind_pair(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            set_rcvbuf(&u, UDP_RCVBUF);
+            let reg = poll.registry();
+            reg.register(
+                &mut u,
+                token(TAG_FIXED, UDP_BASE + i),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .and_then(|_| reg.register(&mut t, token(TAG_FIXED, TCP_BASE + i), Interest::READABLE))
+            .map_err(|e| format!("register {addr}: {e}"))?;
+            let ua = u.local_addr().map_err(|e| e.to_string())?;
+            let ta = t.local_addr().map_err(|e| e.to_string())?;
+            info!("listening on udp {ua}");
+            info!("listening on tcp {ta}");
+            local.push(("udp", ua));
+            local.push(("tcp", ta));
+            udp.push(UdpListener {
+                sock: u,
+                backlog: VecDeque::new(),
+                more: false,
+            });
+            tcp.push(Some(t));
+        }
+        let upstreams = cfg
+            .upstreams
+            .iter()
+            .map(|u| {
+                info!("upstream {u}");
+                Upstream {
+                    cfg: u.clone(),
+                    conns: Vec::new(),
+                    failures: 0,
+                    down_until: None,
+                    down: false,
+                }
+            })
+            .collect();
+        let mut signals = signal_hook_mio::v1_0::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])
+        .map_err(|e| format!("signals: {e}"))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| format!("register signals: {e}"))?;
+        Ok(Proxy {
+            poll,
+            timeout: cfg.timeout,
+            tls,
+            udp,
+            tcp,
+            clients: Slab::new(),
+            conns: Slab::new(),
+            upstreams,
+            queries: Slab::new(),
+            deadlines: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            rng: IdRng::default(),
+            next_gen: 0,
+            dirty_conns: Vec::new(),
+            dirty_clients: Vec::new(),
+            resume_clients: Vec::new(),
+            frame: Vec::new(),
+            reply: Vec::new(),
+            truncated: Vec::new(),
+            read_buf: vec![0; 65536].into_boxed_slice(),
+            retry: Vec::new(),
+            free_bufs: Vec::new(),
+            signals,
+            stopping: None,
+            local,
+            stats: Stats::default(),
+        })
+    }
+
+    /// The addresses actually bound, as ("udp" | "tcp", address).
+    pub fn local_addrs(&self) -> &[(&'static str, SocketAddr)] {
+        &self.local
+    }
+
+    /// Serve until SIGINT or SIGTERM, then drain and return.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_wakeup(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for ev in events.iter() {
+                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                let writable = ev.is_writable() || ev.is_write_closed();
+                self.on_event(ev.token(), readable, writable, now);
+            }
+            for i in 0..self.udp.len() {
+                if self.udp[i].more && self.stopping.is_none() {
+                    self.read_udp(i, now);
+                }
+            }
+            self.resume(now);
+            self.flush(now);
+            self.expire(now);
+            if let Some(stop) = self.stopping {
+                if self.drained() || now >= stop {
+                    self.finish(now);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn next_wakeup(&self, now: Instant) -> Option<Duration> {
+        if self.udp.iter().any(|u| u.more) || !self.resume_clients.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut next = self.deadlines.front().map(|d| d.0);
+        if let Some(Reverse((t, _))) = self.timers.peek() {
+            next = Some(next.map_or(*t, |n| n.min(*t)));
+        }
+        if let Some(stop) = self.stopping {
+            next = Some(next.map_or(stop, |n| n.min(stop)));
+        }
+        // Round up: waking a little early would only spin until the deadline.
+        next.map(|t| t.saturating_duration_since(now) + Duration::from_millis(1))
+    }
+
+    fn on_event(&mut self, tok: Token, readable: bool, writable: bool, now: Instant) {
+        let index = tok.0 >> 2;
+        match tok.0 & 3 {
+            TAG_CLIENT => self.client_event(index, readable, writable, now),
+            TAG_CONN => self.conn_event(index, now),
+            TAG_FIXED if tok == SIGNALS => {
+                let got: Vec<i32> = self.signals.pending().collect();
+                if !got.is_empty() {
+                    self.start_stop(now);
+                }
+            }
+            TAG_FIXED if index >= TCP_BASE => self.accept(index - TCP_BASE, now),
+            TAG_FIXED if index >= UDP_BASE && index - UDP_BASE < self.udp.len() => {
+                let i = index - UDP_BASE;
+                if writable {
+                    self.flush_udp_backlog(i);
+                }
+                if readable && self.stopping.is_none() {
+                    self.read_udp(i, now);
+                }
+            }
+            _ => debug!("event for unknown token {}", tok.0),
+        }
+    }
+
+    fn gen(&mut self) -> u32 {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        self.next_gen
+    }
+
+    fn take_buf(&mut self) -> Vec<u8> {
+        self.free_bufs.pop().unwrap_or_default()
+    }
+
+    fn put_buf(&mut self, mut buf: Vec<u8>) {
+        // Keep a bounded pool of small buffers: steady state allocates
+        // nothing per query, a burst does not pin memory forever.
+        if self.free_bufs.len() < 4096 && buf.capacity() <= 4096 {
+            buf.clear();
+            self.free_bufs.push(buf);
+        }
+    }
+
+    // ---- client side: UDP ----
+
+    fn read_udp(&mut self, i: usize, now: Instant) {
+        for _ in 0..UDP_BATCH {
+            let (n, peer) = match self.udp[i].sock.recv_from(&mut self.read_buf) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.udp[i].more = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ICMP errors from earlier sends surface here; they concern
+                // one peer, not the socket.
+                Err(e) => {
+                    debug!("udp recv: {e}");
+                    continue;
+                }
+            };
+            self.stats.queries_udp += 1;
+            let mut msg = self.take_buf();
+            msg.extend_from_slice(&self.read_buf[..n]);
+            self.handle_query(msg, Origin::Udp { listener: i, peer }, now);
+        }
+        self.udp[i].more = true;
+    }
+
+    fn udp_send(&mut self, i: usize, peer: SocketAddr, msg: &[u8]) {
+        let Some(l) = self.udp.get_mut(i) else { return };
+        if l.backlog.is_empty() {
+            match l.sock.send_to(msg, peer) {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!("udp send to {peer}: {e}");
+                    return;
+                }
+            }
+        }
+        if l.backlog.len() < UDP_BACKLOG {
+            l.backlog.push_back((peer, msg.to_vec()));
+        } else {
+            self.stats.udp_send_dropped += 1;
+        }
+    }
+
+    fn flush_udp_backlog(&mut self, i: usize) {
+        let Some(l) = self.udp.get_mut(i) else { return };
+        while let Some((peer, msg)) = l.backlog.front() {
+            match l.sock.send_to(msg, *peer) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                _ => {
+                    l.backlog.pop_front();
+                }
+            }
+        }
+    }
+
+    // ---- client side: TCP ----
+
+    fn accept(&mut self, i: usize, now: Instant) {
+        loop {
+            let Some(Some(listener)) = self.tcp.get(i) else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, peer)) => {
+                    if self.clients.len() >= MAX_TCP_CLIENTS {
+                        debug!("tcp client {peer} refused: {MAX_TCP_CLIENTS} clients connected");
+                        continue;
+                    }
+                    let gen = self.gen();
+                    let entry = self.clients.vacant_entry();
+                    let key = entry.key();
+                    let mut client = Client::new(sock, peer, gen, now);
+                    if let Err(e) = self.poll.registry().register(
+                        client.source(),
+                        token(TAG_CLIENT, key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        warn!("register tcp client: {e}");
+                        continue;
+                    }
+                    entry.insert(client);
+                    self.timers
+                        .push(Reverse((now + CLIENT_IDLE, Timer::ClientIdle { key, gen })));
+                    // Data may have arrived with the handshake; the edge
+                    // for it was before registration on some kernels.
+                    self.client_event(key, true, false, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of file descriptors: the pending connection stays
+                    // queued and the edge will not fire again, so retry on a
+                    // timer instead of spinning.
+                    warn!("accept: {e}; retrying in 100 ms");
+                    self.timers.push(Reverse((
+                        now + Duration::from_millis(100),
+                        Timer::AcceptRetry { listener: i },
+                    )));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn client_event(&mut self, key: usize, readable: bool, writable: bool, now: Instant) {
+        if writable {
+            self.mark_client_dirty(key);
+        }
+        let Some(c) = self.clients.get_mut(key) else {
+            return;
+        };
+        if readable && self.stopping.is_none() {
+            if let Err(e) = c.read(now) {
+                debug!("tcp client {}: {e}", c.peer);
+                self.close_client(key);
+                return;
+            }
+        }
+        self.client_frames(key, now);
+    }
+
+    /// Turn buffered frames into queries while the client is under its
+    /// in-flight cap; read more if reading was paused.
+    fn client_frames(&mut self, key: usize, now: Instant) {
+        loop {
+            let Some(c) = self.clients.get_mut(key) else {
+                return;
+            };
+            if c.in_flight >= MAX_CLIENT_INFLIGHT {
+                return;
+            }
+            match c.decoder.next_into(&mut self.frame) {
+                Ok(true) => {
+                    let gen = c.gen;
+                    c.last_active = now;
+                    self.stats.queries_tcp += 1;
+                    let fresh = self.take_buf();
+                    let msg = std::mem::replace(&mut self.frame, fresh);
+                    self.handle_query(msg, Origin::Tcp { key, gen }, now);
+                }
+                Ok(false) => {
+                    if c.paused && self.stopping.is_none() {
+                        match c.read(now) {
+                            Ok(ReadOutcome::Drained | ReadOutcome::Eof) => {}
+                            Ok(ReadOutcome::Paused) => return,
+                            Err(_) => {
+                                self.close_client(key);
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    if c.finished() {
+                        self.close_client(key);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    // A frame shorter than a header: no ID to answer to and
+                    // the stream cannot be resynchronised (RFC 7766 §8).
+                    debug!("tcp client {}: {e}; closing", c.peer);
+                    self.stats.dropped += 1;
+                    self.close_client(key);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn mark_client_dirty(&mut self, key: usize) {
+        if let Some(c) = self.clients.get_mut(key) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty_clients.push(key);
+            }
+        }
+    }
+
+    fn close_client(&mut self, key: usize) {
+        if let Some(mut c) = self.clients.try_remove(key) {
+            let _ = self.poll.registry().deregister(c.source());
+            debug!("tcp client {} closed", c.peer);
+        }
+    }
+
+    /// Clients that were held at their in-flight cap and got answers.
+    fn resume(&mut self, now: Instant) {
+        let keys = std::mem::take(&mut self.resume_clients);
+        for &key in &keys {
+            self.client_frames(key, now);
+        }
+        let mut keys = keys;
+        keys.clear();
+        if self.resume_clients.is_empty() {
+            self.resume_clients = keys;
+        }
+    }
+
+    // ---- queries ----
+
+    fn handle_query(&mut self, msg: Vec<u8>, origin: Origin, now: Instant) {
+        match dns::parse_query(&msg) {
+            Err(Reject::Drop(why)) => {
+                self.stats.dropped += 1;
+                debug!("dropped query from {}: {why}", self.peer_of(origin));
+                self.put_buf(msg);
+            }
+            Err(Reject::Answer { rcode, info, why }) => {
+                self.stats.rejected += 1;
+                debug!(
+                    "rejected query from {}: {why} (rcode {rcode})",
+                    self.peer_of(origin)
+                );
+                let mut reply = std::mem::take(&mut self.reply);
+                dns::build_error(&mut reply, &msg, info.as_ref(), rcode, None);
+                self.deliver(origin, &msg, info.as_ref(), &reply, false);
+                self.reply = reply;
+                self.put_buf(msg);
+            }
+            Ok(info) => {
+                if let Origin::Tcp { key, .. } = origin {
+                    if let Some(c) = self.clients.get_mut(key) {
+                        c.in_flight += 1;
+                    }
+                }
+                let gen = self.gen();
+                let key = self.queries.insert(Pending {
+                    gen,
+                    origin,
+                    info,
+                    msg,
+                    attempts: 0,
+                    sent: None,
+                    upstream: None,
+                });
+                self.deadlines.push_back((now + self.timeout, key, gen));
+                self.dispatch(key, now);
+            }
+        }
+    }
+
+    fn peer_of(&self, origin: Origin) -> String {
+        match origin {
+            Origin::Udp { peer, .. } => format!("udp {peer}"),
+            Origin::Tcp { key, .. } => self
+                .clients
+                .get(key)
+                .map_or_else(|| "tcp ?".into(), |c| format!("tcp {}", c.peer)),
+        }
+    }
+
+    /// Send query `key` on the best connection, or fail it at once when no
+    /// upstream can take it (all in back-off: fail fast, RFC 7858 §3.1).
+    fn dispatch(&mut self, key: usize, now: Instant) {
+        let Some(p) = self.queries.get(key) else {
+            return;
+        };
+        let avoid = p.upstream;
+        // Each round either sends or marks one upstream down, so this ends.
+        for _ in 0..=self.upstreams.len() {
+            let Some(u) = self.choose_upstream(now, avoid) else {
+                break;
+            };
+            let Some(ck) = self.choose_conn(u, now) else {
+                continue;
+            };
+            let Some(p) = self.queries.get_mut(key) else {
+                return;
+            };
+            let Some(conn) = self.conns.get_mut(ck) else {
+                continue;
+            };
+            let qref = QueryRef {
+                key: key as u32,
+                gen: p.gen,
+            };
+            let Some(id) = conn.ids.insert(qref, &mut self.rng) else {
+                continue;
+            };
+            conn.queue(&p.msg, id, now);
+            p.attempts += 1;
+            p.upstream = Some(u);
+            p.sent = Some(Sent {
+                conn: ck,
+                conn_gen: conn.gen,
+                id,
+                at: now,
+            });
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty_conns.push(ck);
+            }
+            return;
+        }
+        self.fail(
+            key,
+            rcode::SERVFAIL,
+            Some((ede::NETWORK_ERROR, "upstream unreachable")),
+        );
+    }
+
+    /// The usable upstream with the fewest queries outstanding; `avoid`
+    /// (the one a re-sent query failed on) only when nothing else is left.
+    fn choose_upstream(&self, now: Instant, avoid: Option<usize>) -> Option<usize> {
+        let load = |u: &Upstream| -> usize {
+            u.conns
+                .iter()
+                .filter_map(|&c| self.conns.get(c))
+                .map(|c| c.ids.live())
+                .sum()
+        };
+        self.upstreams
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.usable(now))
+            .min_by_key(|(i, u)| (Some(*i) == avoid, load(u), *i))
+            .map(|(i, _)| i)
+    }
+
+    /// A connection of upstream `u` with room, opening one when all are
+    /// full. `None` when the upstream cannot take the query (and then it
+    /// has been marked down, or it is saturated).
+    fn choose_conn(&mut self, u: usize, now: Instant) -> Option<usize> {
+        let up = &self.upstreams[u];
+        let best = up
+            .conns
+            .iter()
+            .filter_map(|&k| self.conns.get(k).map(|c| (k, c)))
+            .filter(|(_, c)| c.accepts_queries() && c.ids.live() < MAX_INFLIGHT_PER_CONN)
+            .min_by_key(|(_, c)| c.ids.live())
+            .map(|(k, _)| k);
+        if best.is_some() {
+            return best;
+        }
+        if up.conns.len() >= MAX_CONNS_PER_UPSTREAM {
+            return None;
+        }
+        self.open_conn(u, now)
+    }
+
+    fn open_conn(&mut self, u: usize, now: Instant) -> Option<usize> {
+        let gen = self.gen();
+        let cfg = &self.upstreams[u].cfg;
+        self.stats.connects += 1;
+        let mut conn = match UpstreamConn::connect(u, gen, cfg.addr, &cfg.name, &self.tls, now) {
+            Ok(c) => c,
+            Err(reason) => {
+                self.upstream_failed(u, &reason, now);
+                return None;
+            }
+        };
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            conn.source(),
+            token(TAG_CONN, key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.upstream_failed(u, &CloseReason::Connect(e), now);
+            return None;
+        }
+        entry.insert(conn);
+        self.upstreams[u].conns.push(key);
+        self.timers.push(Reverse((
+            now + self.timeout,
+            Timer::Handshake { conn: key, gen },
+        )));
+        debug!("upstream {}: connecting", self.upstreams[u].cfg);
+        Some(key)
+    }
+
+    // ---- upstream side ----
+
+    fn conn_event(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let before = conn.state;
+        let result = conn.on_ready(&mut self.read_buf, now);
+        let (u, state, resumed) = (conn.upstream, conn.state, conn.resumed());
+        if before != ConnState::Ready && state == ConnState::Ready {
+            self.upstream_up(u, key, resumed, now);
+        }
+        self.take_answers(key, now);
+        match result {
+            Err(reason) => self.close_conn(key, reason, now),
+            Ok(()) => {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    if conn.has_output() && !conn.dirty {
+                        conn.dirty = true;
+                        self.dirty_conns.push(key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn upstream_up(&mut self, u: usize, conn: usize, resumed: bool, now: Instant) {
+        let up = &mut self.upstreams[u];
+        if up.down {
+            info!("upstream {} up", up.cfg);
+        }
+        debug!(
+            "upstream {}: connected{}",
+            up.cfg,
+            if resumed { " (resumed)" } else { "" }
+        );
+        up.down = false;
+        up.failures = 0;
+        up.down_until = None;
+        if resumed {
+            self.stats.resumed += 1;
+        }
+        if let Some(c) = self.conns.get(conn) {
+            let gen = c.gen;
+            self.timers.push(Reverse((
+                now + UPSTREAM_IDLE,
+                Timer::ConnIdle { conn, gen },
+            )));
+        }
+    }
+
+    fn upstream_failed(&mut self, u: usize, reason: &CloseReason, now: Instant) {
+        self.stats.upstream_failures += 1;
+        let jitter = self.rng.next_u16() as u32;
+        let up = &mut self.upstreams[u];
+        up.failures = up.failures.saturating_add(1);
+        let exp = BACKOFF_MIN.saturating_mul(1 << up.failures.saturating_sub(1).min(16));
+        // Up to a quarter less, so upstreams that failed together do not
+        // come back in lockstep.
+        let backoff = exp
+            .min(BACKOFF_MAX)
+            .mul_f64(1.0 - f64::from(jitter) / 65536.0 / 4.0);
+        up.down_until = Some(now + backoff);
+        if up.down {
+            debug!(
+                "upstream {}: {reason}; retrying in {} ms",
+                up.cfg,
+                backoff.as_millis()
+            );
+        } else {
+            up.down = true;
+            warn!(
+                "upstream {} down: {reason}; retrying in {} ms",
+                up.cfg,
+                backoff.as_millis()
+            );
+        }
+    }
+
+    /// Hand every complete answer on connection `key` to its query.
+    fn take_answers(&mut self, key: usize, now: Instant) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            match conn.decoder.next_into(&mut self.frame) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    self.close_conn(key, CloseReason::BadFrame(e), now);
+                    return;
+                }
+            }
+            let id = dns::id(&self.frame).unwrap_or(0);
+            match conn.ids.take(id) {
+                Lookup::Live(q) => self.on_answer(key, id, q),
+                Lookup::Late => self.stats.late_answers += 1,
+                Lookup::Unknown => {
+                    self.stats.unknown_ids += 1;
+                    debug!(
+                        "upstream {}: answer with unknown ID dropped",
+                        self.upstreams[conn.upstream].cfg
+                    );
+                }
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.decoder.shrink();
+            if conn.state == ConnState::Draining && conn.ids.live() == 0 {
+                self.close_conn(key, CloseReason::Recycled, now);
+            }
+        }
+    }
+
+    fn on_answer(&mut self, conn: usize, id: u16, q: QueryRef) {
+        let key = q.key as usize;
+        let Some(p) = self.queries.get(key).filter(|p| p.gen == q.gen) else {
+            return;
+        };
+        match dns::parse_response(&p.msg, &self.frame) {
+            Ok(walk) => {
+                self.frame.truncate(walk.end);
+                dns::set_id(&mut self.frame, p.info.id);
+                let p = self.queries.remove(key);
+                self.stats.answers += 1;
+                let answer = std::mem::take(&mut self.frame);
+                self.deliver(p.origin, &p.msg, Some(&p.info), &answer, true);
+                self.frame = answer;
+                self.put_buf(p.msg);
+            }
+            Err(BadResponse::Mismatch(why)) => {
+                // Not ours after all (RFC 7858 §3.3): keep waiting for the
+                // real answer; the deadline still bounds the wait.
+                self.stats.mismatched += 1;
+                debug!("upstream answer dropped: {why}");
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.ids.restore(id, q);
+                }
+            }
+            Err(BadResponse::Malformed(e)) => {
+                debug!("upstream answer malformed: {e}");
+                self.fail(
+                    key,
+                    rcode::SERVFAIL,
+                    Some((ede::OTHER, "invalid upstream response")),
+                );
+            }
+        }
+    }
+
+    /// End query `key` with an answer of our own.
+    fn fail(&mut self, key: usize, rc: u8, why: Option<(u16, &str)>) {
+        let Some(p) = self.queries.try_remove(key) else {
+            return;
+        };
+        if rc == rcode::SERVFAIL {
+            self.stats.servfail += 1;
+        }
+        let mut reply = std::mem::take(&mut self.reply);
+        dns::build_error(&mut reply, &p.msg, Some(&p.info), rc as u16, why);
+        self.deliver(p.origin, &p.msg, Some(&p.info), &reply, true);
+        self.reply = reply;
+        self.put_buf(p.msg);
+    }
+
+    /// Send an answer to where its query came from. `settles` says that it
+    /// ends a query counted in the TCP client's in-flight total.
+    fn deliver(
+        &mut self,
+        origin: Origin,
+        query: &[u8],
+        info: Option<&QueryInfo>,
+        answer: &[u8],
+        settles: bool,
+    ) {
+        match origin {
+            Origin::Udp { listener, peer } => {
+                let budget = info.map_or(512, |i| i.udp_budget(dns::MAX_UDP));
+                match info {
+                    Some(info) if answer.len() > budget => {
+                        self.stats.truncated += 1;
+                        let mut t = std::mem::take(&mut self.truncated);
+                        dns::build_truncated(&mut t, query, info, answer);
+                        self.udp_send(listener, peer, &t);
+                        self.truncated = t;
+                    }
+                    _ => self.udp_send(listener, peer, answer),
+                }
+            }
+            Origin::Tcp { key, gen } => {
+                let Some(c) = self.clients.get_mut(key).filter(|c| c.gen == gen) else {
+                    return;
+                };
+                let held = c.in_flight >= MAX_CLIENT_INFLIGHT || c.paused;
+                if settles {
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                }
+                if c.pending_out() > MAX_BUFFERED_OUT {
+                    debug!("tcp client {} does not read its answers; closing", c.peer);
+                    self.close_client(key);
+                    return;
+                }
+                c.push_answer(answer);
+                if held {
+                    self.resume_clients.push(key);
+                }
+                self.mark_client_dirty(key);
+            }
+        }
+    }
+
+    /// Close connection `key` and re-send what was in flight on it.
+    fn close_conn(&mut self, key: usize, reason: CloseReason, now: Instant) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        if matches!(
+            reason,
+            CloseReason::Idle | CloseReason::Recycled | CloseReason::Shutdown
+        ) {
+            conn.close_notify();
+        }
+        let _ = self.poll.registry().deregister(conn.source());
+        let u = conn.upstream;
+        self.upstreams[u].conns.retain(|&c| c != key);
+        if reason.is_failure(conn.was_ready) {
+            self.upstream_failed(u, &reason, now);
+        } else {
+            debug!(
+                "upstream {}: connection closed: {reason}",
+                self.upstreams[u].cfg
+            );
+        }
+        let mut retry = std::mem::take(&mut self.retry);
+        conn.ids.drain_live(&mut retry);
+        for q in retry.drain(..) {
+            let k = q.key as usize;
+            let Some(p) = self.queries.get_mut(k).filter(|p| p.gen == q.gen) else {
+                continue;
+            };
+            p.sent = None;
+            if p.attempts < MAX_ATTEMPTS && self.stopping.is_none() {
+                self.stats.retried += 1;
+                self.dispatch(k, now);
+            } else {
+                self.fail(
+                    k,
+                    rcode::SERVFAIL,
+                    Some((ede::NETWORK_ERROR, "upstream connection lost")),
+                );
+            }
+        }
+        self.retry = retry;
+    }
+
+    // ---- end of turn ----
+
+    fn flush(&mut self, now: Instant) {
+        // Closing a connection can re-send its queries on another one,
+        // which lands on the dirty list again; a few rounds settle it.
+        for _ in 0..4 {
+            if self.dirty_conns.is_empty() {
+                break;
+            }
+            let keys = std::mem::take(&mut self.dirty_conns);
+            for &k in &keys {
+                let Some(conn) = self.conns.get_mut(k) else {
+                    continue;
+                };
+                conn.dirty = false;
+                if let Err(reason) = conn.flush() {
+                    self.close_conn(k, reason, now);
+                }
+            }
+            let mut keys = keys;
+            keys.clear();
+            if self.dirty_conns.is_empty() {
+                self.dirty_conns = keys;
+            }
+        }
+        let keys = std::mem::take(&mut self.dirty_clients);
+        for &k in &keys {
+            let Some(c) = self.clients.get_mut(k) else {
+                continue;
+            };
+            c.dirty = false;
+            match c.flush(now) {
+                Err(e) => {
+                    debug!("tcp client {}: {e}", c.peer);
+                    self.close_client(k);
+                }
+                Ok(()) if c.finished() => self.close_client(k),
+                Ok(()) => {}
+            }
+        }
+        let mut keys = keys;
+        keys.clear();
+        if self.dirty_clients.is_empty() {
+            self.dirty_clients = keys;
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(deadline, key, gen)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if self.queries.get(key).is_some_and(|p| p.gen == gen) {
+                self.time_out(key, now);
+            }
+        }
+        if self.deadlines.len() > 2 * self.queries.len() + 1024 {
+            let queries = &self.queries;
+            self.deadlines
+                .retain(|&(_, k, g)| queries.get(k).is_some_and(|p| p.gen == g));
+        }
+        while let Some(Reverse((t, timer))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            self.on_timer(timer, now);
+        }
+    }
+
+    fn time_out(&mut self, key: usize, now: Instant) {
+        self.stats.timeouts += 1;
+        let Some(p) = self.queries.get(key) else {
+            return;
+        };
+        let q = QueryRef {
+            key: key as u32,
+            gen: p.gen,
+        };
+        let mut stalled = None;
+        if let Some(sent) = p.sent {
+            if let Some(conn) = self
+                .conns
+                .get_mut(sent.conn)
+                .filter(|c| c.gen == sent.conn_gen)
+            {
+                conn.ids.bury(sent.id, q);
+                if conn.was_ready && conn.last_read <= sent.at {
+                    stalled = Some(sent.conn);
+                } else if conn.ids.tombstones() > MAX_TOMBSTONES
+                    && conn.state != ConnState::Draining
+                {
+                    debug!(
+                        "upstream {}: too many late answers; replacing the connection",
+                        self.upstreams[conn.upstream].cfg
+                    );
+                    conn.state = ConnState::Draining;
+                    if conn.ids.live() == 0 {
+                        stalled = None;
+                        self.close_conn(sent.conn, CloseReason::Recycled, now);
+                    }
+                }
+            }
+        }
+        self.fail(
+            key,
+            rcode::SERVFAIL,
+            Some((ede::NO_REACHABLE_AUTHORITY, "upstream timeout")),
+        );
+        if let Some(ck) = stalled {
+            self.close_conn(ck, CloseReason::Stalled, now);
+        }
+    }
+
+    fn on_timer(&mut self, timer: Timer, now: Instant) {
+        match timer {
+            Timer::Handshake { conn, gen } => {
+                if self
+                    .conns
+                    .get(conn)
+                    .is_some_and(|c| c.gen == gen && !c.was_ready)
+                {
+                    self.close_conn(conn, CloseReason::HandshakeTimeout, now);
+                }
+            }
+            Timer::ConnIdle { conn, gen } => {
+                let Some(c) = self.conns.get(conn).filter(|c| c.gen == gen) else {
+                    return;
+                };
+                let due = c.last_active + UPSTREAM_IDLE;
+                if c.ids.live() == 0 && due <= now {
+                    self.close_conn(conn, CloseReason::Idle, now);
+                } else {
+                    self.timers
+                        .push(Reverse((due.max(now + Duration::from_millis(100)), timer)));
+                }
+            }
+            Timer::ClientIdle { key, gen } => {
+                let Some(c) = self.clients.get(key).filter(|c| c.gen == gen) else {
+                    return;
+                };
+                let due = c.last_active + CLIENT_IDLE;
+                if c.in_flight == 0 && c.pending_out() == 0 && due <= now {
+                    debug!("tcp client {} idle; closing", c.peer);
+                    self.close_client(key);
+                } else {
+                    self.timers
+                        .push(Reverse((due.max(now + Duration::from_millis(100)), timer)));
+                }
+            }
+            Timer::AcceptRetry { listener } => self.accept(listener, now),
+        }
+    }
+
+    // ---- shutdown ----
+
+    fn start_stop(&mut self, now: Instant) {
+        if self.stopping.is_some() {
+            return;
+        }
+        info!("shutting down: {} queries in flight", self.queries.len());
+        // Stop taking work; UDP sockets stay open to send the last answers.
+        for u in &mut self.udp {
+            let _ = self.poll.registry().deregister(&mut u.sock);
+            u.more = false;
+        }
+        for t in &mut self.tcp {
+            if let Some(mut l) = t.take() {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
+        }
+        self.stopping = Some(now + self.timeout + Duration::from_millis(100));
+    }
+
+    fn drained(&self) -> bool {
+        self.queries.is_empty() && self.clients.iter().all(|(_, c)| c.pending_out() == 0)
+    }
+
+    fn finish(&mut self, now: Instant) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.close_conn(k, CloseReason::Shutdown, now);
+        }
+        let keys: Vec<usize> = self.queries.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.fail(k, rcode::SERVFAIL, Some((ede::OTHER, "shutting down")));
+        }
+        for i in 0..self.udp.len() {
+            self.flush_udp_backlog(i);
+        }
+        self.flush(now);
+        let s = &self.stats;
+        info!(
+            "stopped: {} udp + {} tcp queries, {} answers, {} servfail ({} timeouts), {} rejected, {} dropped, {} truncated",
+            s.queries_udp, s.queries_tcp, s.answers, s.servfail, s.timeouts, s.rejected, s.dropped, s.truncated
+        );
+        if s.unknown_ids + s.mismatched + s.late_answers > 0 {
+            info!(
+                "upstream answers dropped: {} unknown ID, {} wrong question, {} late",
+                s.unknown_ids, s.mismatched, s.late_answers
+            );
+        }
+    }
+}
