@@ -65,7 +65,7 @@ impl Client {
         &mut self.sock
     }
 
-    pub fn read(&mut self, now: Instant) -> io::Result<ReadOutcome> {
+    pub fn read(&mut self) -> io::Result<ReadOutcome> {
         loop {
             if self.decoder.buffered() >= MAX_BUFFERED_IN {
                 self.paused = true;
@@ -80,7 +80,9 @@ impl Client {
                     self.eof = true;
                     return Ok(ReadOutcome::Eof);
                 }
-                Ok(_) => self.last_active = now,
+                // Bytes alone do not count as activity: a query trickled in
+                // a byte at a time must still finish within the idle time.
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.paused = false;
                     return Ok(ReadOutcome::Drained);

@@ -28,6 +28,24 @@ OPTIONS:
                                   included (default 2500)
       --log-level LEVEL           error|warn|info|debug|trace (default info, or
                                   RUST_LOG when set)
+      --allow CIDR                clients allowed to query; repeatable; replaces the
+                                  default (loopback, 10/8, 172.16/12, 192.168/16,
+                                  100.64/10, fc00::/7, fe80::/10); UDP queries from
+                                  elsewhere are dropped, TCP connections closed
+      --metrics ADDR:PORT         serve Prometheus /metrics and /healthz over HTTP
+      --padding BLOCK             pad queries sent upstream to a multiple of BLOCK
+                                  bytes (RFC 8467; default 128, 0 = off)
+      --max-inflight N            queries in flight in total (default 10000);
+                                  beyond it new queries get REFUSED
+      --max-inflight-per-ip N     queries in flight per client address (default
+                                  1000); beyond it REFUSED
+      --max-tcp-clients N         open TCP client connections (default 1024);
+                                  beyond it new connections are closed at once
+      --max-tcp-pipeline N        queries in flight per TCP connection (default
+                                  256); further queries wait in its buffer
+      --tcp-idle-timeout MS       close a TCP client that completes no query and
+                                  has no answer pending for this long; also bounds
+                                  a slowly trickled query (default 10000)
   -h, --help                      print this help
   -V, --version                   print the version
 
@@ -35,8 +53,7 @@ Certificates are always verified; there is no option to turn that off.
 ";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5053";
-pub const DEFAULT_UPSTREAMS: [&str; 2] =
-    ["1.1.1.1#cloudflare-dns.com", "1.0.0.1#cloudflare-dns.com"];
+pub const DEFAULT_UPSTREAMS: [&str; 2] = ["1.1.1.1#cloudflare-dns.com", "1.0.0.1#cloudflare-dns.com"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -57,6 +74,87 @@ pub struct Config {
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub log_level: log::LevelFilter,
+    pub allow: Vec<Cidr>,
+    pub metrics: Option<SocketAddr>,
+    pub padding: u16,
+    pub limits: Limits,
+}
+
+/// The bounds on what clients can make the proxy hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_inflight: usize,
+    pub max_inflight_per_ip: u32,
+    pub max_tcp_clients: usize,
+    pub max_tcp_pipeline: u32,
+    pub tcp_idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_inflight: 10_000,
+            max_inflight_per_ip: 1000,
+            max_tcp_clients: 1024,
+            max_tcp_pipeline: 256,
+            tcp_idle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An address prefix of the access list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// Private and local networks, as dnsdist allows by default: a proxy that
+/// listens on a public address must not become an open resolver.
+pub const DEFAULT_ALLOW: [&str; 8] = [
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let bad = || format!("--allow {s:?}: expected an address or a prefix such as 192.0.2.0/24");
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
+        let (a, b, bits) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(a.to_bits()), u128::from(b.to_bits()), 32),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (a.to_bits(), b.to_bits(), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (a >> shift) == (b >> shift)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 /// What `parse` decided instead of a configuration.
@@ -95,10 +193,7 @@ pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok(sa);
     }
-    let bare = s
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .unwrap_or(s);
+    let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
     bare.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, default_port))
         .map_err(|_| format!("{s:?} is not an IP address with an optional port"))
@@ -124,12 +219,37 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         .map_err(usage)?;
     let timeout: Option<u64> = p.opt_value_from_str("--timeout").map_err(usage)?;
     let log_level: Option<String> = p.opt_value_from_str("--log-level").map_err(usage)?;
+    let allow: Vec<String> = p.values_from_str("--allow").map_err(usage)?;
+    let metrics: Option<String> = p.opt_value_from_str("--metrics").map_err(usage)?;
+    let padding: Option<u16> = p.opt_value_from_str("--padding").map_err(usage)?;
+    let mut limits = Limits::default();
+    let number = |p: &mut pico_args::Arguments, name: &'static str, min: u64, max: u64| -> Result<Option<u64>, Exit> {
+        match p
+            .opt_value_from_str::<_, u64>(name)
+            .map_err(|e| Exit::Usage(e.to_string()))?
+        {
+            Some(n) if !(min..=max).contains(&n) => Err(Exit::Usage(format!("{name} {n}: expected {min} to {max}"))),
+            n => Ok(n),
+        }
+    };
+    if let Some(n) = number(&mut p, "--max-inflight", 1, 1_000_000)? {
+        limits.max_inflight = n as usize;
+    }
+    if let Some(n) = number(&mut p, "--max-inflight-per-ip", 1, 1_000_000)? {
+        limits.max_inflight_per_ip = n as u32;
+    }
+    if let Some(n) = number(&mut p, "--max-tcp-clients", 1, 1_000_000)? {
+        limits.max_tcp_clients = n as usize;
+    }
+    if let Some(n) = number(&mut p, "--max-tcp-pipeline", 1, 65_535)? {
+        limits.max_tcp_pipeline = n as u32;
+    }
+    if let Some(n) = number(&mut p, "--tcp-idle-timeout", 100, 3_600_000)? {
+        limits.tcp_idle = Duration::from_millis(n);
+    }
     let rest = p.finish();
     if let Some(arg) = rest.first() {
-        return Err(Exit::Usage(format!(
-            "unexpected argument {:?} (see --help)",
-            arg
-        )));
+        return Err(Exit::Usage(format!("unexpected argument {:?} (see --help)", arg)));
     }
 
     let listen = if listen.is_empty() {
@@ -140,11 +260,8 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let listen = listen
         .iter()
         .map(|s| {
-            s.parse::<SocketAddr>().map_err(|_| {
-                Exit::Usage(format!(
-                    "--listen {s:?}: expected ADDR:PORT, IPv6 as [::1]:5053"
-                ))
-            })
+            s.parse::<SocketAddr>()
+                .map_err(|_| Exit::Usage(format!("--listen {s:?}: expected ADDR:PORT, IPv6 as [::1]:5053")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let upstreams = if upstreams.is_empty() {
@@ -166,11 +283,8 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         }
     };
     let log_level = match log_level {
-        Some(s) => level(&s).ok_or_else(|| {
-            Exit::Usage(format!(
-                "--log-level {s:?}: expected error, warn, info, debug or trace"
-            ))
-        })?,
+        Some(s) => level(&s)
+            .ok_or_else(|| Exit::Usage(format!("--log-level {s:?}: expected error, warn, info, debug or trace")))?,
         None => std::env::var("RUST_LOG")
             .ok()
             .and_then(|s| level(&s))
@@ -178,11 +292,29 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     };
     if let Some(path) = &ca_file {
         if !path.is_file() {
-            return Err(Exit::Usage(format!(
-                "--ca-file {}: no such file",
-                path.display()
-            )));
+            return Err(Exit::Usage(format!("--ca-file {}: no such file", path.display())));
         }
+    }
+    let allow = if allow.is_empty() {
+        DEFAULT_ALLOW.iter().map(|s| s.to_string()).collect()
+    } else {
+        allow
+    };
+    let allow = allow
+        .iter()
+        .map(|s| Cidr::parse(s).map_err(Exit::Usage))
+        .collect::<Result<Vec<_>, _>>()?;
+    let metrics = metrics
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| Exit::Usage(format!("--metrics {s:?}: expected ADDR:PORT")))
+        })
+        .transpose()?;
+    let padding = padding.unwrap_or(128);
+    if padding > 0 && !(16..=1024).contains(&padding) {
+        return Err(Exit::Usage(format!(
+            "--padding {padding}: expected 0 (off) or 16 to 1024"
+        )));
     }
     Ok(Config {
         listen,
@@ -190,6 +322,10 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         ca_file,
         timeout,
         log_level,
+        allow,
+        metrics,
+        padding,
+        limits,
     })
 }
 
@@ -218,20 +354,34 @@ mod tests {
     }
 
     #[test]
+    fn access_list() {
+        let c = |s| Cidr::parse(s).unwrap();
+        assert!(c("10.0.0.0/8").contains("10.1.2.3".parse().unwrap()));
+        assert!(!c("10.0.0.0/8").contains("11.0.0.1".parse().unwrap()));
+        assert!(c("10.0.0.0/8").contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(c("0.0.0.0/0").contains("203.0.113.9".parse().unwrap()));
+        assert!(c("::/0").contains("2001:db8::1".parse().unwrap()));
+        assert!(!c("::/0").contains("192.0.2.1".parse().unwrap()));
+        assert!(c("fe80::/10").contains("fe80::1".parse().unwrap()));
+        assert!(c("192.0.2.7").contains("192.0.2.7".parse().unwrap()));
+        assert!(!c("192.0.2.7").contains("192.0.2.8".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("example.com").is_err());
+        let d = parse(args(&[])).unwrap();
+        let allowed = |ip: &str| d.allow.iter().any(|c| c.contains(ip.parse().unwrap()));
+        assert!(allowed("127.0.0.1") && allowed("192.168.1.1") && allowed("100.64.0.1") && allowed("fd00::1"));
+        assert!(!allowed("8.8.8.8") && !allowed("2001:db8::1"));
+    }
+
+    #[test]
     fn defaults_and_errors() {
         let c = parse(args(&[])).unwrap();
         assert_eq!(c.listen, vec!["127.0.0.1:5053".parse().unwrap()]);
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.timeout, Duration::from_millis(2500));
-        assert!(matches!(
-            parse(args(&["--timeout", "x"])),
-            Err(Exit::Usage(_))
-        ));
+        assert!(matches!(parse(args(&["--timeout", "x"])), Err(Exit::Usage(_))));
         assert!(matches!(parse(args(&["--bogus"])), Err(Exit::Usage(_))));
-        assert!(matches!(
-            parse(args(&["-l", "1.2.3.4"])),
-            Err(Exit::Usage(_))
-        ));
+        assert!(matches!(parse(args(&["-l", "1.2.3.4"])), Err(Exit::Usage(_))));
         assert_eq!(parse(args(&["--help"])).unwrap_err(), Exit::Help);
         let c = parse(args(&[
             "-l",

@@ -241,6 +241,8 @@ pub struct Edns {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptRecord {
     pub start: usize,
+    /// Start of the RDATA (the options).
+    pub rdata: usize,
     pub end: usize,
     pub edns: Edns,
     pub ext_rcode: u8,
@@ -298,6 +300,7 @@ pub fn walk(msg: &[u8]) -> Result<Walk, WireError> {
             let [ext_rcode, version, flags_hi, _] = ttl.to_be_bytes();
             opt = Some(OptRecord {
                 start,
+                rdata: end + 10,
                 end: at,
                 edns: Edns {
                     udp_size: class,
@@ -326,6 +329,8 @@ pub struct QueryInfo {
     pub question_end: usize,
     pub qtype: u16,
     pub edns: Option<Edns>,
+    /// Where the query's OPT record is, if it has one.
+    pub opt: Option<OptRecord>,
 }
 
 /// What to do with a query that cannot be forwarded.
@@ -372,8 +377,7 @@ pub fn parse_query(msg: &[u8]) -> Result<QueryInfo, Reject> {
     if u16_at(msg, field::QDCOUNT) != Some(1) {
         return Err(formerr("QDCOUNT is not 1"));
     }
-    let (_, name_end) =
-        read_name(msg, HEADER_LEN, false).map_err(|_| formerr("bad question name"))?;
+    let (_, name_end) = read_name(msg, HEADER_LEN, false).map_err(|_| formerr("bad question name"))?;
     let qtype = u16_at(msg, name_end + 2).map_or(Err(formerr("truncated question")), |_| {
         Ok(u16_at(msg, name_end).unwrap_or(0))
     })?;
@@ -389,6 +393,7 @@ pub fn parse_query(msg: &[u8]) -> Result<QueryInfo, Reject> {
         question_end: walked.question_end,
         qtype,
         edns: walked.opt.map(|o| o.edns),
+        opt: walked.opt,
     };
     if info.edns.is_some_and(|e| e.version != 0) {
         return Err(Reject::Answer {
@@ -457,8 +462,7 @@ pub fn parse_response(query: &[u8], resp: &[u8]) -> Result<Walk, BadResponse> {
     } else if qd != 1 {
         return Err(BadResponse::Mismatch("QDCOUNT is not 1"));
     } else {
-        let (qn, qend) = read_name(query, HEADER_LEN, true)
-            .map_err(|_| BadResponse::Mismatch("query unreadable"))?;
+        let (qn, qend) = read_name(query, HEADER_LEN, true).map_err(|_| BadResponse::Mismatch("query unreadable"))?;
         let (rn, rend) = read_name(resp, HEADER_LEN, true).map_err(BadResponse::Malformed)?;
         let qtc = query.get(qend..qend + 4);
         let rtc = resp.get(rend..rend + 4);
@@ -496,13 +500,7 @@ fn push_opt(out: &mut Vec<u8>, ext_rcode: u8, dnssec_ok: bool, ede: Option<(u16,
 /// Build dotproxy's own answer to `query` into `out`: the client's ID,
 /// opcode, RD and CD; the question if `info` says it was readable; an OPT
 /// only if the client sent one (then carrying `ede`, RFC 8914 §3).
-pub fn build_error(
-    out: &mut Vec<u8>,
-    query: &[u8],
-    info: Option<&QueryInfo>,
-    rcode: u16,
-    ede: Option<(u16, &str)>,
-) {
+pub fn build_error(out: &mut Vec<u8>, query: &[u8], info: Option<&QueryInfo>, rcode: u16, ede: Option<(u16, &str)>) {
     out.clear();
     let qflags = query.get(field::FLAGS_HI).copied().unwrap_or(0);
     let id = u16_at(query, 0).unwrap_or(0);
@@ -542,6 +540,158 @@ pub fn build_truncated(out: &mut Vec<u8>, query: &[u8], info: &QueryInfo, answer
     if let Some(e) = info.edns {
         push_opt(out, 0, e.dnssec_ok, None);
     }
+}
+
+/// Walk the options of an OPT record's RDATA: `(code, data)` pairs.
+/// `Err` when an option runs past the record.
+fn options(rdata: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), WireError>> {
+    let mut rest = rdata;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let item = (|| {
+            let code = u16_at(rest, 0).ok_or(WireError::Short)?;
+            let len = u16_at(rest, 2).ok_or(WireError::Short)? as usize;
+            let data = rest.get(4..4 + len).ok_or(WireError::Short)?;
+            rest = &rest[4 + len..];
+            Ok((code, data))
+        })();
+        if item.is_err() {
+            rest = &[];
+        }
+        Some(item)
+    })
+}
+
+/// Options that describe one hop (RFC 7828 §3.3.2, RFC 7830 §3): they are
+/// never passed from one side of the proxy to the other.
+fn hop_by_hop(code: u16) -> bool {
+    code == OPT_PADDING || code == OPT_TCP_KEEPALIVE
+}
+
+/// Build the message sent upstream: the client's query with its own
+/// padding and keepalive options removed, an OPT added if it had none, and
+/// one padding option that makes the length a multiple of `block`
+/// (RFC 8467 §4.1). With `keepalive`, an empty edns-tcp-keepalive option
+/// asks the server for its idle timeout (RFC 7828 §3.2.1). The header and
+/// question stay byte for byte (they are what the answer is matched
+/// against), and the OPT goes last.
+pub fn pad_query(out: &mut Vec<u8>, msg: &[u8], info: &QueryInfo, block: u16, keepalive: bool) {
+    out.clear();
+    let (before, after, ttl, udp, opts): (&[u8], &[u8], [u8; 4], u16, &[u8]) = match info.opt {
+        Some(o) => (
+            msg.get(..o.start).unwrap_or(msg),
+            msg.get(o.end..).unwrap_or(&[]),
+            msg.get(o.rdata - 6..o.rdata - 2)
+                .and_then(|t| t.try_into().ok())
+                .unwrap_or([0; 4]),
+            o.edns.udp_size,
+            msg.get(o.rdata..o.end).unwrap_or(&[]),
+        ),
+        None => (msg, &[], [0; 4], MAX_UDP, &[]),
+    };
+    out.extend_from_slice(before);
+    out.extend_from_slice(after);
+    if info.opt.is_none() {
+        let ar = u16_at(out, field::ARCOUNT).unwrap_or(0).saturating_add(1);
+        out[field::ARCOUNT..field::ARCOUNT + 2].copy_from_slice(&ar.to_be_bytes());
+    }
+    out.push(0);
+    out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    out.extend_from_slice(&udp.to_be_bytes());
+    out.extend_from_slice(&ttl);
+    let rdlen_at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    for (code, data) in options(opts).flatten() {
+        if !hop_by_hop(code) {
+            out.extend_from_slice(&code.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            out.extend_from_slice(data);
+        }
+    }
+    if keepalive {
+        out.extend_from_slice(&OPT_TCP_KEEPALIVE.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+    }
+    if block > 0 {
+        let block = usize::from(block);
+        let pad = (block - (out.len() + 4) % block) % block;
+        out.extend_from_slice(&OPT_PADDING.to_be_bytes());
+        out.extend_from_slice(&(pad as u16).to_be_bytes());
+        out.resize(out.len() + pad, 0);
+    }
+    let rdlen = (out.len() - rdlen_at - 2) as u16;
+    out[rdlen_at..rdlen_at + 2].copy_from_slice(&rdlen.to_be_bytes());
+}
+
+/// What the upstream said about its connection in an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HopInfo {
+    /// edns-tcp-keepalive TIMEOUT, in units of 100 ms (RFC 7828 §3.1).
+    pub keepalive: Option<u16>,
+}
+
+/// Make an upstream answer fit for a plaintext client, in place: drop the
+/// hop-by-hop options (padding, keepalive) before the size check, and drop
+/// the OPT entirely when the client sent none (RFC 6891 §7). `Err` when the
+/// answer cannot be represented to this client (an extended RCODE without
+/// OPT) or its OPT is malformed.
+pub fn strip_answer(answer: &mut Vec<u8>, walk: &Walk, client_opt: bool) -> Result<HopInfo, WireError> {
+    let Some(o) = walk.opt else {
+        return Ok(HopInfo::default());
+    };
+    let mut hop = HopInfo::default();
+    let mut kept = 0usize;
+    let mut drop = 0usize;
+    for item in options(answer.get(o.rdata..o.end).unwrap_or(&[])) {
+        let (code, data) = item?;
+        if code == OPT_TCP_KEEPALIVE {
+            hop.keepalive = u16_at(data, 0);
+        }
+        if hop_by_hop(code) {
+            drop += 4 + data.len();
+        } else {
+            kept += 4 + data.len();
+        }
+    }
+    if !client_opt {
+        if o.ext_rcode != 0 {
+            return Err(WireError::BadOpt);
+        }
+        answer.drain(o.start..o.end);
+        let ar = u16_at(answer, field::ARCOUNT).unwrap_or(1).saturating_sub(1);
+        answer[field::ARCOUNT..field::ARCOUNT + 2].copy_from_slice(&ar.to_be_bytes());
+    } else if drop > 0 {
+        // Compact the kept options in place, then cut the tail.
+        let mut write = o.rdata;
+        let mut read = o.rdata;
+        while read < o.end {
+            let code = u16_at(answer, read).unwrap_or(0);
+            let len = 4 + u16_at(answer, read + 2).unwrap_or(0) as usize;
+            if !hop_by_hop(code) {
+                answer.copy_within(read..read + len, write);
+                write += len;
+            }
+            read += len;
+        }
+        answer.drain(write..o.end);
+        answer[o.rdata - 2..o.rdata].copy_from_slice(&(kept as u16).to_be_bytes());
+    }
+    if o.end != walk.end && (drop > 0 || !client_opt) {
+        // Records after the OPT moved: make sure the result still parses
+        // (compression pointers into them would now be off).
+        walk_checked(answer)?;
+    }
+    Ok(hop)
+}
+
+fn walk_checked(msg: &[u8]) -> Result<(), WireError> {
+    let w = walk(msg)?;
+    if w.end != msg.len() {
+        return Err(WireError::Trailing);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -590,22 +740,13 @@ mod tests {
         assert!(matches!(parse_query(&q), Err(Reject::Drop(_))));
         let mut q = query(1, "a.b", 1, None);
         q[5] = 0;
-        assert!(matches!(
-            parse_query(&q),
-            Err(Reject::Answer { rcode: 1, .. })
-        ));
+        assert!(matches!(parse_query(&q), Err(Reject::Answer { rcode: 1, .. })));
         let mut q = query(1, "a.b", 1, None);
         q[2] |= 2 << 3;
-        assert!(matches!(
-            parse_query(&q),
-            Err(Reject::Answer { rcode: 4, .. })
-        ));
+        assert!(matches!(parse_query(&q), Err(Reject::Answer { rcode: 4, .. })));
         let mut q = query(1, "a.b", 1, None);
         q.push(0);
-        assert!(matches!(
-            parse_query(&q),
-            Err(Reject::Answer { rcode: 1, .. })
-        ));
+        assert!(matches!(parse_query(&q), Err(Reject::Answer { rcode: 1, .. })));
         let q = query(1, "a.b", 1, None);
         assert!(matches!(
             parse_query(&q[..q.len() - 1]),
@@ -614,10 +755,7 @@ mod tests {
         let mut q = query(1, "a.b", 1, Some(1232));
         let n = q.len();
         q[n - 5] = 1; // EDNS version 1
-        assert!(matches!(
-            parse_query(&q),
-            Err(Reject::Answer { rcode: 16, .. })
-        ));
+        assert!(matches!(parse_query(&q), Err(Reject::Answer { rcode: 16, .. })));
         assert!(matches!(
             parse_query(&query(1, "a.b", TYPE_AXFR, None)),
             Err(Reject::Answer { rcode: 4, .. })
@@ -644,10 +782,7 @@ mod tests {
     fn name_length_is_limited() {
         let long = ["a".repeat(63).as_str(); 5].join(".");
         let q = query(1, &long, 1, None);
-        assert!(matches!(
-            parse_query(&q),
-            Err(Reject::Answer { rcode: 1, .. })
-        ));
+        assert!(matches!(parse_query(&q), Err(Reject::Answer { rcode: 1, .. })));
     }
 
     #[test]
@@ -658,10 +793,7 @@ mod tests {
         assert!(parse_response(&q, &r).is_ok());
         let mut other = query(9, "www.example.net", 1, None);
         other[2] |= 0x80;
-        assert!(matches!(
-            parse_response(&q, &other),
-            Err(BadResponse::Mismatch(_))
-        ));
+        assert!(matches!(parse_response(&q, &other), Err(BadResponse::Mismatch(_))));
         let mut header_only = r[..12].to_vec();
         header_only[5] = 0;
         header_only[3] = rcode::REFUSED;
@@ -670,10 +802,7 @@ mod tests {
         assert!(parse_response(&q, &header_only).is_err());
         let mut broken = r.clone();
         broken[7] = 1; // ANCOUNT 1, no record
-        assert!(matches!(
-            parse_response(&q, &broken),
-            Err(BadResponse::Malformed(_))
-        ));
+        assert!(matches!(parse_response(&q, &broken), Err(BadResponse::Malformed(_))));
     }
 
     #[test]
@@ -695,16 +824,93 @@ mod tests {
         assert!(w.opt.unwrap().edns.dnssec_ok);
         let q = query(3, "a.b", 1, None);
         let info = parse_query(&q).unwrap();
-        build_error(
-            &mut out,
-            &q,
-            Some(&info),
-            rcode::SERVFAIL as u16,
-            Some((0, "x")),
-        );
+        build_error(&mut out, &q, Some(&info), rcode::SERVFAIL as u16, Some((0, "x")));
         assert!(walk(&out).unwrap().opt.is_none());
         build_error(&mut out, &q, None, rcode::FORMERR as u16, None);
         assert_eq!(out.len(), 12);
+    }
+
+    fn with_options(mut q: Vec<u8>, opts: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut rdata = Vec::new();
+        for (code, data) in opts {
+            rdata.extend_from_slice(&code.to_be_bytes());
+            rdata.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            rdata.extend_from_slice(data);
+        }
+        let n = q.len();
+        q[n - 2..].copy_from_slice(&(rdata.len() as u16).to_be_bytes());
+        q.extend_from_slice(&rdata);
+        q
+    }
+
+    fn option_codes(msg: &[u8]) -> Vec<u16> {
+        let o = walk(msg).unwrap().opt.unwrap();
+        options(&msg[o.rdata..o.end]).map(|r| r.unwrap().0).collect()
+    }
+
+    #[test]
+    fn queries_are_padded_to_the_block() {
+        let mut out = Vec::new();
+        for (q, had_opt) in [
+            (query(1, "a.example", 1, None), false),
+            (query(1, "www.example.com", 28, Some(4096)), true),
+            (
+                with_options(
+                    query(1, "x.test", 1, Some(1232)),
+                    &[(OPT_PADDING, &[0; 30]), (10, &[1; 8])],
+                ),
+                true,
+            ),
+            (query(1, &["a".repeat(60).as_str(); 3].join("."), 16, None), false),
+        ] {
+            let info = parse_query(&q).unwrap();
+            pad_query(&mut out, &q, &info, 128, false);
+            assert_eq!(out.len() % 128, 0, "{}", out.len());
+            let padded = parse_query(&out).unwrap();
+            assert_eq!(info.question(&q), padded.question(&out));
+            assert_eq!(&q[..4], &out[..4]);
+            let codes = option_codes(&out);
+            assert_eq!(codes.iter().filter(|&&c| c == OPT_PADDING).count(), 1);
+            assert_eq!(*codes.last().unwrap(), OPT_PADDING);
+            if had_opt {
+                assert_eq!(padded.edns.unwrap().dnssec_ok, info.edns.unwrap().dnssec_ok);
+            }
+        }
+        let q = with_options(query(1, "x.test", 1, Some(1232)), &[(10, &[1; 8])]);
+        pad_query(&mut out, &q, &parse_query(&q).unwrap(), 128, false);
+        assert_eq!(option_codes(&out), vec![10, OPT_PADDING]);
+        pad_query(&mut out, &q, &parse_query(&q).unwrap(), 0, true);
+        assert_eq!(option_codes(&out), vec![10, OPT_TCP_KEEPALIVE]);
+        assert_eq!(&out[out.len() - 4..], &[0, 11, 0, 0]);
+    }
+
+    #[test]
+    fn answers_lose_hop_options() {
+        let mut a = with_options(
+            query(1, "x.test", 1, Some(1232)),
+            &[
+                (OPT_PADDING, &[0; 400]),
+                (OPT_EDE, &[0, 22]),
+                (OPT_TCP_KEEPALIVE, &[0, 50]),
+            ],
+        );
+        a[2] |= 0x80;
+        let w = walk(&a).unwrap();
+        let hop = strip_answer(&mut a, &w, true).unwrap();
+        assert_eq!(hop.keepalive, Some(50));
+        assert_eq!(option_codes(&a), vec![OPT_EDE]);
+        assert!(a.len() < 60);
+        let w = walk(&a).unwrap();
+        strip_answer(&mut a, &w, false).unwrap();
+        let w = walk(&a).unwrap();
+        assert!(w.opt.is_none());
+        assert_eq!(w.end, a.len());
+        assert_eq!(u16_at(&a, 10), Some(0));
+        let mut bad = with_options(query(1, "x.test", 1, Some(1232)), &[(OPT_PADDING, &[0; 4])]);
+        let n = bad.len();
+        bad[n - 6] = 9; // option length past the record
+        let w = walk(&bad).unwrap();
+        assert!(strip_answer(&mut bad, &w, true).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod dns;
 pub mod framing;
+pub mod http;
 pub mod id_table;
 pub mod proxy;
 pub mod tls;

@@ -3,8 +3,8 @@
 //!
 //! 1. wait for readiness until the nearest deadline;
 //! 2. handle each event (accept, read queries, read answers);
-//! 3. flush every connection that has output (queries coalesce here);
-//! 4. expire queries and timers with the same `now`;
+//! 3. expire queries and timers with the same `now`;
+//! 4. flush every connection that has output (queries coalesce here);
 //! 5. stop once a requested shutdown has drained.
 //!
 //! Queries live in a slab; each remembers where it came from, the bytes to
@@ -14,9 +14,9 @@
 //! slot is dropped, never misdelivered.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,8 +27,9 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::client::{Client, ReadOutcome, MAX_BUFFERED_OUT};
-use crate::config::{Config, Upstream as UpstreamConfig};
+use crate::config::{Cidr, Config, Limits, Upstream as UpstreamConfig};
 use crate::dns::{self, ede, rcode, BadResponse, QueryInfo, Reject};
+use crate::http::{self, HttpConn, Route};
 use crate::id_table::{IdRng, Lookup, QueryRef};
 use crate::upstream::{CloseReason, ConnState, UpstreamConn};
 
@@ -41,13 +42,11 @@ const MAX_CONNS_PER_UPSTREAM: usize = 4;
 const MAX_TOMBSTONES: usize = 256;
 /// Upstream connections with nothing in flight close after this.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(20);
-/// TCP clients with nothing in flight close after this (RFC 7766 §6.2.3:
-/// "on the order of seconds").
-const CLIENT_IDLE: Duration = Duration::from_secs(10);
-const MAX_TCP_CLIENTS: usize = 1024;
-/// Pipelined queries one TCP client may have in flight; further frames
-/// wait in its buffer until answers come back.
-const MAX_CLIENT_INFLIGHT: u32 = 256;
+/// Metrics scrapes open at once, and how long one may take.
+const MAX_HTTP: usize = 16;
+const HTTP_DEADLINE: Duration = Duration::from_secs(2);
+/// Upper bounds (seconds) of the upstream latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
 /// Datagrams read per listener per turn before other sockets get a go.
 const UDP_BATCH: usize = 1024;
 /// Answers kept for a UDP socket whose send buffer is full.
@@ -63,7 +62,9 @@ const SIGNALS: Token = Token(0);
 const TAG_FIXED: usize = 0;
 const TAG_CLIENT: usize = 1;
 const TAG_CONN: usize = 2;
+const TAG_HTTP: usize = 3;
 const UDP_BASE: usize = 1;
+const METRICS: usize = 1 << 15;
 const TCP_BASE: usize = 1 << 16;
 
 fn token(tag: usize, index: usize) -> Token {
@@ -88,6 +89,8 @@ struct Sent {
 struct Pending {
     gen: u32,
     origin: Origin,
+    /// The client's address, for the per-address in-flight count.
+    ip: IpAddr,
     info: QueryInfo,
     /// The client's query, with the client's ID.
     msg: Vec<u8>,
@@ -103,6 +106,7 @@ enum Timer {
     ConnIdle { conn: usize, gen: u32 },
     ClientIdle { key: usize, gen: u32 },
     AcceptRetry { listener: usize },
+    Http { key: usize, gen: u32 },
 }
 
 struct UdpListener {
@@ -114,10 +118,55 @@ struct UdpListener {
 
 struct Upstream {
     cfg: UpstreamConfig,
+    label: String,
     conns: Vec<usize>,
     failures: u32,
     down_until: Option<Instant>,
     down: bool,
+    stats: UpstreamStats,
+}
+
+#[derive(Debug, Default, Clone)]
+struct UpstreamStats {
+    connects: u64,
+    failures: u64,
+    resumed: u64,
+    answers: u64,
+    latency_buckets: [u64; LATENCY_BUCKETS.len()],
+    latency_sum: f64,
+}
+
+impl UpstreamStats {
+    fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        self.answers += 1;
+        self.latency_sum += secs;
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&le| secs <= le) {
+            self.latency_buckets[i] += 1;
+        }
+    }
+}
+
+fn rcode_name(rc: usize) -> &'static str {
+    const NAMES: [&str; 16] = [
+        "NOERROR",
+        "FORMERR",
+        "SERVFAIL",
+        "NXDOMAIN",
+        "NOTIMP",
+        "REFUSED",
+        "YXDOMAIN",
+        "YXRRSET",
+        "NXRRSET",
+        "NOTAUTH",
+        "NOTZONE",
+        "DSOTYPENI",
+        "RCODE12",
+        "RCODE13",
+        "RCODE14",
+        "RCODE15",
+    ];
+    NAMES.get(rc).copied().unwrap_or("OTHER")
 }
 
 impl Upstream {
@@ -142,9 +191,11 @@ pub struct Stats {
     pub unknown_ids: u64,
     pub mismatched: u64,
     pub udp_send_dropped: u64,
-    pub connects: u64,
-    pub resumed: u64,
-    pub upstream_failures: u64,
+    pub refused_acl: u64,
+    pub refused_busy: u64,
+    pub tcp_refused: u64,
+    /// Answers sent to clients, by RCODE.
+    pub rcodes: [u64; 16],
 }
 
 pub struct Proxy {
@@ -176,6 +227,12 @@ pub struct Proxy {
     signals: signal_hook_mio::v1_0::Signals,
     stopping: Option<Instant>,
     local: Vec<(&'static str, SocketAddr)>,
+    limits: Limits,
+    allow: Vec<Cidr>,
+    per_ip: HashMap<IpAddr, u32>,
+    metrics: Option<TcpListener>,
+    http: Slab<HttpConn>,
+    padding: u16,
     pub stats: Stats,
 }
 
@@ -228,8 +285,7 @@ impl Proxy {
         let mut tcp = Vec::new();
         let mut local = Vec::new();
         for (i, &addr) in cfg.listen.iter().enumerate() {
-            let (mut u, mut t) =
-                bind_pair(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let (mut u, mut t) = bind_pair(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             set_rcvbuf(&u, UDP_RCVBUF);
             let reg = poll.registry();
             reg.register(
@@ -259,18 +315,31 @@ impl Proxy {
                 info!("upstream {u}");
                 Upstream {
                     cfg: u.clone(),
+                    label: u.to_string(),
                     conns: Vec::new(),
                     failures: 0,
                     down_until: None,
                     down: false,
+                    stats: UpstreamStats::default(),
                 }
             })
             .collect();
-        let mut signals = signal_hook_mio::v1_0::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-        ])
-        .map_err(|e| format!("signals: {e}"))?;
+        let metrics = match cfg.metrics {
+            None => None,
+            Some(addr) => {
+                let mut l = TcpListener::bind(addr).map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+                poll.registry()
+                    .register(&mut l, token(TAG_FIXED, METRICS), Interest::READABLE)
+                    .map_err(|e| format!("register metrics: {e}"))?;
+                let a = l.local_addr().map_err(|e| e.to_string())?;
+                info!("metrics on http://{a}/metrics");
+                local.push(("http", a));
+                Some(l)
+            }
+        };
+        let mut signals =
+            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+                .map_err(|e| format!("signals: {e}"))?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| format!("register signals: {e}"))?;
@@ -300,6 +369,12 @@ impl Proxy {
             signals,
             stopping: None,
             local,
+            limits: cfg.limits.clone(),
+            allow: cfg.allow.clone(),
+            per_ip: HashMap::new(),
+            metrics,
+            http: Slab::new(),
+            padding: cfg.padding,
             stats: Stats::default(),
         })
     }
@@ -332,8 +407,9 @@ impl Proxy {
                 }
             }
             self.resume(now);
-            self.flush(now);
+            // Expiry first: the SERVFAILs it writes go out in this turn's flush.
             self.expire(now);
+            self.flush(now);
             if let Some(stop) = self.stopping {
                 if self.drained() || now >= stop {
                     self.finish(now);
@@ -363,6 +439,8 @@ impl Proxy {
         match tok.0 & 3 {
             TAG_CLIENT => self.client_event(index, readable, writable, now),
             TAG_CONN => self.conn_event(index, now),
+            TAG_HTTP => self.http_event(index, now),
+            TAG_FIXED if index == METRICS => self.accept_http(now),
             TAG_FIXED if tok == SIGNALS => {
                 let got: Vec<i32> = self.signals.pending().collect();
                 if !got.is_empty() {
@@ -420,6 +498,12 @@ impl Proxy {
                 }
             };
             self.stats.queries_udp += 1;
+            if !self.allowed(peer.ip()) {
+                // Dropped, not REFUSED: an answer to a spoofed source would
+                // make us a reflector.
+                self.stats.refused_acl += 1;
+                continue;
+            }
             let mut msg = self.take_buf();
             msg.extend_from_slice(&self.read_buf[..n]);
             self.handle_query(msg, Origin::Udp { listener: i, peer }, now);
@@ -467,8 +551,17 @@ impl Proxy {
             };
             match listener.accept() {
                 Ok((sock, peer)) => {
-                    if self.clients.len() >= MAX_TCP_CLIENTS {
-                        debug!("tcp client {peer} refused: {MAX_TCP_CLIENTS} clients connected");
+                    if !self.allowed(peer.ip()) {
+                        self.stats.refused_acl += 1;
+                        debug!("tcp client {peer} not in the access list; closed");
+                        continue;
+                    }
+                    if self.clients.len() >= self.limits.max_tcp_clients {
+                        self.stats.tcp_refused += 1;
+                        debug!(
+                            "tcp client {peer} refused: {} clients connected",
+                            self.limits.max_tcp_clients
+                        );
                         continue;
                     }
                     let gen = self.gen();
@@ -485,7 +578,7 @@ impl Proxy {
                     }
                     entry.insert(client);
                     self.timers
-                        .push(Reverse((now + CLIENT_IDLE, Timer::ClientIdle { key, gen })));
+                        .push(Reverse((now + self.limits.tcp_idle, Timer::ClientIdle { key, gen })));
                     // Data may have arrived with the handshake; the edge
                     // for it was before registration on some kernels.
                     self.client_event(key, true, false, now);
@@ -515,7 +608,7 @@ impl Proxy {
             return;
         };
         if readable && self.stopping.is_none() {
-            if let Err(e) = c.read(now) {
+            if let Err(e) = c.read() {
                 debug!("tcp client {}: {e}", c.peer);
                 self.close_client(key);
                 return;
@@ -531,7 +624,7 @@ impl Proxy {
             let Some(c) = self.clients.get_mut(key) else {
                 return;
             };
-            if c.in_flight >= MAX_CLIENT_INFLIGHT {
+            if c.in_flight >= self.limits.max_tcp_pipeline {
                 return;
             }
             match c.decoder.next_into(&mut self.frame) {
@@ -545,7 +638,7 @@ impl Proxy {
                 }
                 Ok(false) => {
                     if c.paused && self.stopping.is_none() {
-                        match c.read(now) {
+                        match c.read() {
                             Ok(ReadOutcome::Drained | ReadOutcome::Eof) => {}
                             Ok(ReadOutcome::Paused) => return,
                             Err(_) => {
@@ -612,10 +705,7 @@ impl Proxy {
             }
             Err(Reject::Answer { rcode, info, why }) => {
                 self.stats.rejected += 1;
-                debug!(
-                    "rejected query from {}: {why} (rcode {rcode})",
-                    self.peer_of(origin)
-                );
+                debug!("rejected query from {}: {why} (rcode {rcode})", self.peer_of(origin));
                 let mut reply = std::mem::take(&mut self.reply);
                 dns::build_error(&mut reply, &msg, info.as_ref(), rcode, None);
                 self.deliver(origin, &msg, info.as_ref(), &reply, false);
@@ -623,6 +713,41 @@ impl Proxy {
                 self.put_buf(msg);
             }
             Ok(info) => {
+                // Rewritten once, re-sent as is: padding hides the query's
+                // size on the wire, keepalive asks for the server's timeout.
+                let mut msg = msg;
+                if self.padding > 0 {
+                    let mut padded = self.take_buf();
+                    dns::pad_query(&mut padded, &msg, &info, self.padding, true);
+                    self.put_buf(std::mem::replace(&mut msg, padded));
+                }
+                let ip = match origin {
+                    Origin::Udp { peer, .. } => peer.ip(),
+                    Origin::Tcp { key, .. } => self
+                        .clients
+                        .get(key)
+                        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.peer.ip()),
+                };
+                let per_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
+                if self.queries.len() >= self.limits.max_inflight || per_ip >= self.limits.max_inflight_per_ip {
+                    // Overload: a small, immediate answer keeps clients from
+                    // retrying into the queue, and is no bigger than the
+                    // query, so it cannot amplify.
+                    self.stats.refused_busy += 1;
+                    let mut reply = std::mem::take(&mut self.reply);
+                    dns::build_error(
+                        &mut reply,
+                        &msg,
+                        Some(&info),
+                        rcode::REFUSED as u16,
+                        Some((ede::OTHER, "busy")),
+                    );
+                    self.deliver(origin, &msg, Some(&info), &reply, false);
+                    self.reply = reply;
+                    self.put_buf(msg);
+                    return;
+                }
+                *self.per_ip.entry(ip).or_insert(0) += 1;
                 if let Origin::Tcp { key, .. } = origin {
                     if let Some(c) = self.clients.get_mut(key) {
                         c.in_flight += 1;
@@ -632,6 +757,7 @@ impl Proxy {
                 let key = self.queries.insert(Pending {
                     gen,
                     origin,
+                    ip,
                     info,
                     msg,
                     attempts: 0,
@@ -642,6 +768,22 @@ impl Proxy {
                 self.dispatch(key, now);
             }
         }
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        self.allow.iter().any(|c| c.contains(ip))
+    }
+
+    /// Remove a finished query and release what it counted against.
+    fn settle(&mut self, key: usize) -> Option<Pending> {
+        let p = self.queries.try_remove(key)?;
+        if let Some(n) = self.per_ip.get_mut(&p.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&p.ip);
+            }
+        }
+        Some(p)
     }
 
     fn peer_of(&self, origin: Origin) -> String {
@@ -697,11 +839,7 @@ impl Proxy {
             }
             return;
         }
-        self.fail(
-            key,
-            rcode::SERVFAIL,
-            Some((ede::NETWORK_ERROR, "upstream unreachable")),
-        );
+        self.fail(key, rcode::SERVFAIL, Some((ede::NETWORK_ERROR, "upstream unreachable")));
     }
 
     /// The usable upstream with the fewest queries outstanding; `avoid`
@@ -745,9 +883,9 @@ impl Proxy {
 
     fn open_conn(&mut self, u: usize, now: Instant) -> Option<usize> {
         let gen = self.gen();
+        self.upstreams[u].stats.connects += 1;
         let cfg = &self.upstreams[u].cfg;
-        self.stats.connects += 1;
-        let mut conn = match UpstreamConn::connect(u, gen, cfg.addr, &cfg.name, &self.tls, now) {
+        let mut conn = match UpstreamConn::connect(u, gen, cfg.addr, &cfg.name, &self.tls, UPSTREAM_IDLE, now) {
             Ok(c) => c,
             Err(reason) => {
                 self.upstream_failed(u, &reason, now);
@@ -766,10 +904,8 @@ impl Proxy {
         }
         entry.insert(conn);
         self.upstreams[u].conns.push(key);
-        self.timers.push(Reverse((
-            now + self.timeout,
-            Timer::Handshake { conn: key, gen },
-        )));
+        self.timers
+            .push(Reverse((now + self.timeout, Timer::Handshake { conn: key, gen })));
         debug!("upstream {}: connecting", self.upstreams[u].cfg);
         Some(key)
     }
@@ -814,35 +950,26 @@ impl Proxy {
         up.failures = 0;
         up.down_until = None;
         if resumed {
-            self.stats.resumed += 1;
+            up.stats.resumed += 1;
         }
         if let Some(c) = self.conns.get(conn) {
             let gen = c.gen;
-            self.timers.push(Reverse((
-                now + UPSTREAM_IDLE,
-                Timer::ConnIdle { conn, gen },
-            )));
+            self.timers.push(Reverse((now + c.idle, Timer::ConnIdle { conn, gen })));
         }
     }
 
     fn upstream_failed(&mut self, u: usize, reason: &CloseReason, now: Instant) {
-        self.stats.upstream_failures += 1;
         let jitter = self.rng.next_u16() as u32;
         let up = &mut self.upstreams[u];
+        up.stats.failures += 1;
         up.failures = up.failures.saturating_add(1);
         let exp = BACKOFF_MIN.saturating_mul(1 << up.failures.saturating_sub(1).min(16));
         // Up to a quarter less, so upstreams that failed together do not
         // come back in lockstep.
-        let backoff = exp
-            .min(BACKOFF_MAX)
-            .mul_f64(1.0 - f64::from(jitter) / 65536.0 / 4.0);
+        let backoff = exp.min(BACKOFF_MAX).mul_f64(1.0 - f64::from(jitter) / 65536.0 / 4.0);
         up.down_until = Some(now + backoff);
         if up.down {
-            debug!(
-                "upstream {}: {reason}; retrying in {} ms",
-                up.cfg,
-                backoff.as_millis()
-            );
+            debug!("upstream {}: {reason}; retrying in {} ms", up.cfg, backoff.as_millis());
         } else {
             up.down = true;
             warn!(
@@ -869,7 +996,7 @@ impl Proxy {
             }
             let id = dns::id(&self.frame).unwrap_or(0);
             match conn.ids.take(id) {
-                Lookup::Live(q) => self.on_answer(key, id, q),
+                Lookup::Live(q) => self.on_answer(key, id, q, now),
                 Lookup::Late => self.stats.late_answers += 1,
                 Lookup::Unknown => {
                     self.stats.unknown_ids += 1;
@@ -888,7 +1015,7 @@ impl Proxy {
         }
     }
 
-    fn on_answer(&mut self, conn: usize, id: u16, q: QueryRef) {
+    fn on_answer(&mut self, conn: usize, id: u16, q: QueryRef, now: Instant) {
         let key = q.key as usize;
         let Some(p) = self.queries.get(key).filter(|p| p.gen == q.gen) else {
             return;
@@ -896,8 +1023,28 @@ impl Proxy {
         match dns::parse_response(&p.msg, &self.frame) {
             Ok(walk) => {
                 self.frame.truncate(walk.end);
+                let hop = match dns::strip_answer(&mut self.frame, &walk, p.info.edns.is_some()) {
+                    Ok(hop) => hop,
+                    Err(e) => {
+                        debug!("upstream answer unusable: {e}");
+                        self.fail(key, rcode::SERVFAIL, Some((ede::OTHER, "invalid upstream response")));
+                        return;
+                    }
+                };
+                if let (Some(t), Some(c)) = (hop.keepalive, self.conns.get_mut(conn)) {
+                    c.keepalive(t);
+                    let timer = Timer::ConnIdle { conn, gen: c.gen };
+                    self.timers.push(Reverse((c.last_active + c.idle, timer)));
+                }
+                let Some(p) = self.queries.get(key) else { return };
                 dns::set_id(&mut self.frame, p.info.id);
-                let p = self.queries.remove(key);
+                if let (Some(sent), Some(u)) = (p.sent, p.upstream) {
+                    self.upstreams[u].stats.observe(now.saturating_duration_since(sent.at));
+                }
+                if let Some(c) = self.conns.get_mut(conn) {
+                    c.last_answer = Some(now);
+                }
+                let Some(p) = self.settle(key) else { return };
                 self.stats.answers += 1;
                 let answer = std::mem::take(&mut self.frame);
                 self.deliver(p.origin, &p.msg, Some(&p.info), &answer, true);
@@ -915,20 +1062,14 @@ impl Proxy {
             }
             Err(BadResponse::Malformed(e)) => {
                 debug!("upstream answer malformed: {e}");
-                self.fail(
-                    key,
-                    rcode::SERVFAIL,
-                    Some((ede::OTHER, "invalid upstream response")),
-                );
+                self.fail(key, rcode::SERVFAIL, Some((ede::OTHER, "invalid upstream response")));
             }
         }
     }
 
     /// End query `key` with an answer of our own.
     fn fail(&mut self, key: usize, rc: u8, why: Option<(u16, &str)>) {
-        let Some(p) = self.queries.try_remove(key) else {
-            return;
-        };
+        let Some(p) = self.settle(key) else { return };
         if rc == rcode::SERVFAIL {
             self.stats.servfail += 1;
         }
@@ -941,14 +1082,8 @@ impl Proxy {
 
     /// Send an answer to where its query came from. `settles` says that it
     /// ends a query counted in the TCP client's in-flight total.
-    fn deliver(
-        &mut self,
-        origin: Origin,
-        query: &[u8],
-        info: Option<&QueryInfo>,
-        answer: &[u8],
-        settles: bool,
-    ) {
+    fn deliver(&mut self, origin: Origin, query: &[u8], info: Option<&QueryInfo>, answer: &[u8], settles: bool) {
+        self.stats.rcodes[usize::from(dns::rcode_of(answer))] += 1;
         match origin {
             Origin::Udp { listener, peer } => {
                 let budget = info.map_or(512, |i| i.udp_budget(dns::MAX_UDP));
@@ -967,7 +1102,7 @@ impl Proxy {
                 let Some(c) = self.clients.get_mut(key).filter(|c| c.gen == gen) else {
                     return;
                 };
-                let held = c.in_flight >= MAX_CLIENT_INFLIGHT || c.paused;
+                let held = c.in_flight >= self.limits.max_tcp_pipeline || c.paused;
                 if settles {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
@@ -999,13 +1134,10 @@ impl Proxy {
         let _ = self.poll.registry().deregister(conn.source());
         let u = conn.upstream;
         self.upstreams[u].conns.retain(|&c| c != key);
-        if reason.is_failure(conn.was_ready) {
+        if reason.is_failure(conn.was_ready, conn.last_answer.is_some(), conn.ids.live() > 0) {
             self.upstream_failed(u, &reason, now);
         } else {
-            debug!(
-                "upstream {}: connection closed: {reason}",
-                self.upstreams[u].cfg
-            );
+            debug!("upstream {}: connection closed: {reason}", self.upstreams[u].cfg);
         }
         let mut retry = std::mem::take(&mut self.retry);
         conn.ids.drain_live(&mut retry);
@@ -1014,6 +1146,11 @@ impl Proxy {
             let Some(p) = self.queries.get_mut(k).filter(|p| p.gen == q.gen) else {
                 continue;
             };
+            // A connection that answered later queries was not killed by
+            // this one: its re-send is free (the deadline still bounds it).
+            if p.sent.is_some_and(|s| conn.last_answer.is_some_and(|t| t >= s.at)) {
+                p.attempts = p.attempts.saturating_sub(1);
+            }
             p.sent = None;
             if p.attempts < MAX_ATTEMPTS && self.stopping.is_none() {
                 self.stats.retried += 1;
@@ -1111,17 +1248,11 @@ impl Proxy {
         };
         let mut stalled = None;
         if let Some(sent) = p.sent {
-            if let Some(conn) = self
-                .conns
-                .get_mut(sent.conn)
-                .filter(|c| c.gen == sent.conn_gen)
-            {
+            if let Some(conn) = self.conns.get_mut(sent.conn).filter(|c| c.gen == sent.conn_gen) {
                 conn.ids.bury(sent.id, q);
                 if conn.was_ready && conn.last_read <= sent.at {
                     stalled = Some(sent.conn);
-                } else if conn.ids.tombstones() > MAX_TOMBSTONES
-                    && conn.state != ConnState::Draining
-                {
+                } else if conn.ids.tombstones() > MAX_TOMBSTONES && conn.state != ConnState::Draining {
                     debug!(
                         "upstream {}: too many late answers; replacing the connection",
                         self.upstreams[conn.upstream].cfg
@@ -1147,11 +1278,7 @@ impl Proxy {
     fn on_timer(&mut self, timer: Timer, now: Instant) {
         match timer {
             Timer::Handshake { conn, gen } => {
-                if self
-                    .conns
-                    .get(conn)
-                    .is_some_and(|c| c.gen == gen && !c.was_ready)
-                {
+                if self.conns.get(conn).is_some_and(|c| c.gen == gen && !c.was_ready) {
                     self.close_conn(conn, CloseReason::HandshakeTimeout, now);
                 }
             }
@@ -1159,7 +1286,7 @@ impl Proxy {
                 let Some(c) = self.conns.get(conn).filter(|c| c.gen == gen) else {
                     return;
                 };
-                let due = c.last_active + UPSTREAM_IDLE;
+                let due = c.last_active + c.idle;
                 if c.ids.live() == 0 && due <= now {
                     self.close_conn(conn, CloseReason::Idle, now);
                 } else {
@@ -1171,7 +1298,7 @@ impl Proxy {
                 let Some(c) = self.clients.get(key).filter(|c| c.gen == gen) else {
                     return;
                 };
-                let due = c.last_active + CLIENT_IDLE;
+                let due = c.last_active + self.limits.tcp_idle;
                 if c.in_flight == 0 && c.pending_out() == 0 && due <= now {
                     debug!("tcp client {} idle; closing", c.peer);
                     self.close_client(key);
@@ -1181,7 +1308,266 @@ impl Proxy {
                 }
             }
             Timer::AcceptRetry { listener } => self.accept(listener, now),
+            Timer::Http { key, gen } => {
+                if self.http.get(key).is_some_and(|h| h.gen == gen) {
+                    self.close_http(key);
+                }
+            }
         }
+    }
+
+    // ---- metrics ----
+
+    fn accept_http(&mut self, now: Instant) {
+        loop {
+            let Some(listener) = &self.metrics else { return };
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    if self.http.len() >= MAX_HTTP {
+                        continue;
+                    }
+                    let gen = self.gen();
+                    let entry = self.http.vacant_entry();
+                    let key = entry.key();
+                    let mut h = HttpConn::new(sock, gen, now);
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if self
+                        .poll
+                        .registry()
+                        .register(h.source(), token(TAG_HTTP, key), interest)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    entry.insert(h);
+                    self.timers
+                        .push(Reverse((now + HTTP_DEADLINE, Timer::Http { key, gen })));
+                    self.http_event(key, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("metrics accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn http_event(&mut self, key: usize, now: Instant) {
+        let Some(h) = self.http.get_mut(key) else { return };
+        if !h.answered {
+            let alive = h.read();
+            let Some(route) = http::route(&h.inbuf) else {
+                if !alive {
+                    self.close_http(key);
+                }
+                return;
+            };
+            let head_only = h.inbuf.starts_with(b"HEAD ");
+            let (status, body) = match route {
+                Route::Metrics => ("200 OK", self.render_metrics(now)),
+                Route::Health if self.healthy() => ("200 OK", "ok\n".to_string()),
+                Route::Health => ("503 Service Unavailable", "no usable upstream\n".to_string()),
+                Route::NotFound => ("404 Not Found", "not found\n".to_string()),
+                Route::MethodNotAllowed => ("405 Method Not Allowed", "method not allowed\n".to_string()),
+                Route::TooLarge => ("431 Request Header Fields Too Large", "request too large\n".to_string()),
+                Route::BadRequest => ("400 Bad Request", "bad request\n".to_string()),
+            };
+            let ctype = if route == Route::Metrics {
+                "text/plain; version=0.0.4; charset=utf-8"
+            } else {
+                "text/plain; charset=utf-8"
+            };
+            let Some(h) = self.http.get_mut(key) else { return };
+            http::respond(&mut h.out, status, ctype, body.as_bytes(), head_only);
+            h.answered = true;
+        }
+        let Some(h) = self.http.get_mut(key) else { return };
+        if h.flush() {
+            self.close_http(key);
+        }
+    }
+
+    fn close_http(&mut self, key: usize) {
+        if let Some(mut h) = self.http.try_remove(key) {
+            let _ = self.poll.registry().deregister(h.source());
+        }
+    }
+
+    /// Healthy while some upstream has a working connection, or has not
+    /// failed since its last success (nothing is known to be wrong yet).
+    fn healthy(&self) -> bool {
+        self.upstreams.iter().any(|u| {
+            !u.down
+                || u.conns
+                    .iter()
+                    .filter_map(|&c| self.conns.get(c))
+                    .any(|c| c.was_ready && c.accepts_queries())
+        })
+    }
+
+    fn upstream_inflight(&self, u: &Upstream) -> usize {
+        u.conns
+            .iter()
+            .filter_map(|&c| self.conns.get(c))
+            .map(|c| c.ids.live())
+            .sum()
+    }
+
+    fn render_metrics(&self, now: Instant) -> String {
+        let s = &self.stats;
+        let mut e = http::Exposition(String::with_capacity(8192));
+        e.header(
+            "dotproxy_queries_total",
+            "counter",
+            "Queries received from clients, by transport.",
+        );
+        e.sample("dotproxy_queries_total", &[("transport", "udp")], s.queries_udp);
+        e.sample("dotproxy_queries_total", &[("transport", "tcp")], s.queries_tcp);
+        e.header(
+            "dotproxy_answers_total",
+            "counter",
+            "Answers sent to clients, by RCODE.",
+        );
+        for (rc, &n) in s.rcodes.iter().enumerate() {
+            if n > 0 || rc <= 5 {
+                e.sample("dotproxy_answers_total", &[("rcode", rcode_name(rc))], n);
+            }
+        }
+        e.header(
+            "dotproxy_truncated_total",
+            "counter",
+            "UDP answers sent truncated (TC=1).",
+        );
+        e.sample("dotproxy_truncated_total", &[], s.truncated);
+        e.header(
+            "dotproxy_timeouts_total",
+            "counter",
+            "Queries that reached their deadline (answered SERVFAIL).",
+        );
+        e.sample("dotproxy_timeouts_total", &[], s.timeouts);
+        e.header(
+            "dotproxy_retries_total",
+            "counter",
+            "Queries re-sent after their upstream connection closed.",
+        );
+        e.sample("dotproxy_retries_total", &[], s.retried);
+        e.header(
+            "dotproxy_dropped_total",
+            "counter",
+            "Client messages dropped without an answer, by reason.",
+        );
+        e.sample("dotproxy_dropped_total", &[("reason", "malformed")], s.dropped);
+        e.sample("dotproxy_dropped_total", &[("reason", "access_list")], s.refused_acl);
+        e.sample(
+            "dotproxy_dropped_total",
+            &[("reason", "udp_send_queue_full")],
+            s.udp_send_dropped,
+        );
+        e.header(
+            "dotproxy_rejected_total",
+            "counter",
+            "Queries answered locally without forwarding, by reason.",
+        );
+        e.sample("dotproxy_rejected_total", &[("reason", "invalid")], s.rejected);
+        e.sample("dotproxy_rejected_total", &[("reason", "busy")], s.refused_busy);
+        e.header(
+            "dotproxy_tcp_connections_refused_total",
+            "counter",
+            "TCP client connections closed at once (limit).",
+        );
+        e.sample("dotproxy_tcp_connections_refused_total", &[], s.tcp_refused);
+        e.header(
+            "dotproxy_upstream_answers_dropped_total",
+            "counter",
+            "Upstream answers that matched no query, by reason.",
+        );
+        e.sample(
+            "dotproxy_upstream_answers_dropped_total",
+            &[("reason", "unknown_id")],
+            s.unknown_ids,
+        );
+        e.sample(
+            "dotproxy_upstream_answers_dropped_total",
+            &[("reason", "wrong_question")],
+            s.mismatched,
+        );
+        e.sample(
+            "dotproxy_upstream_answers_dropped_total",
+            &[("reason", "late")],
+            s.late_answers,
+        );
+        e.header("dotproxy_inflight", "gauge", "Queries waiting for an answer.");
+        e.sample("dotproxy_inflight", &[], self.queries.len());
+        e.header("dotproxy_tcp_clients", "gauge", "Open TCP client connections.");
+        e.sample("dotproxy_tcp_clients", &[], self.clients.len());
+        type Get = fn(&Proxy, &Upstream, Instant) -> f64;
+        let per_upstream: [(&str, &str, &str, Get); 6] = [
+            (
+                "dotproxy_upstream_up",
+                "gauge",
+                "1 unless the upstream is in back-off after a failure.",
+                |_, u, now| f64::from(u8::from(u.usable(now) && !u.down)),
+            ),
+            (
+                "dotproxy_upstream_connections",
+                "gauge",
+                "Open connections to the upstream.",
+                |_, u, _| u.conns.len() as f64,
+            ),
+            (
+                "dotproxy_upstream_connects_total",
+                "counter",
+                "Connection attempts to the upstream.",
+                |_, u, _| u.stats.connects as f64,
+            ),
+            (
+                "dotproxy_upstream_failures_total",
+                "counter",
+                "Failed connections (connect, TLS, certificate, stall).",
+                |_, u, _| u.stats.failures as f64,
+            ),
+            (
+                "dotproxy_upstream_resumed_total",
+                "counter",
+                "TLS handshakes that resumed a session.",
+                |_, u, _| u.stats.resumed as f64,
+            ),
+            (
+                "dotproxy_upstream_inflight",
+                "gauge",
+                "Queries in flight to the upstream.",
+                |p, u, _| p.upstream_inflight(u) as f64,
+            ),
+        ];
+        for (name, kind, help, get) in per_upstream {
+            e.header(name, kind, help);
+            for u in &self.upstreams {
+                e.sample(name, &[("upstream", &u.label)], get(self, u, now));
+            }
+        }
+        let name = "dotproxy_upstream_latency_seconds";
+        e.header(name, "histogram", "Time from sending a query upstream to its answer.");
+        for u in &self.upstreams {
+            let mut cumulative = 0;
+            for (le, n) in LATENCY_BUCKETS.iter().zip(u.stats.latency_buckets) {
+                cumulative += n;
+                e.sample(
+                    &format!("{name}_bucket"),
+                    &[("upstream", &u.label), ("le", &le.to_string())],
+                    cumulative,
+                );
+            }
+            e.sample(
+                &format!("{name}_bucket"),
+                &[("upstream", &u.label), ("le", "+Inf")],
+                u.stats.answers,
+            );
+            e.sample(&format!("{name}_sum"), &[("upstream", &u.label)], u.stats.latency_sum);
+            e.sample(&format!("{name}_count"), &[("upstream", &u.label)], u.stats.answers);
+        }
+        e.0
     }
 
     // ---- shutdown ----
@@ -1200,6 +1586,9 @@ impl Proxy {
             if let Some(mut l) = t.take() {
                 let _ = self.poll.registry().deregister(&mut l);
             }
+        }
+        if let Some(mut l) = self.metrics.take() {
+            let _ = self.poll.registry().deregister(&mut l);
         }
         self.stopping = Some(now + self.timeout + Duration::from_millis(100));
     }

@@ -22,10 +22,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
                 .map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
             let (added, ignored) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(format!(
-                    "--ca-file {}: no usable CA certificate in it",
-                    path.display()
-                ));
+                return Err(format!("--ca-file {}: no usable CA certificate in it", path.display()));
             }
             if ignored > 0 {
                 log::warn!(

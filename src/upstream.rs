@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use rustls::pki_types::ServerName;
@@ -70,9 +70,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Io(e) => write!(f, "I/O error: {e}"),
             CloseReason::Tls(e) => write!(f, "TLS error: {e}"),
             CloseReason::Eof { clean: true } => f.write_str("closed by server"),
-            CloseReason::Eof { clean: false } => {
-                f.write_str("closed by server without close_notify")
-            }
+            CloseReason::Eof { clean: false } => f.write_str("closed by server without close_notify"),
             CloseReason::BadFrame(e) => write!(f, "bad frame: {e}"),
             CloseReason::HandshakeTimeout => f.write_str("TLS handshake timed out"),
             CloseReason::Stalled => f.write_str("server stopped answering"),
@@ -88,11 +86,14 @@ impl CloseReason {
     /// never became usable, or the server authenticated itself wrongly or
     /// stopped talking. A server closing a used connection is normal
     /// (RFC 7858 §3.4) and only costs a reconnect.
-    pub fn is_failure(&self, was_ready: bool) -> bool {
+    /// `answered` says whether any query was ever answered on it: a server
+    /// that accepts queries and closes without answering any is broken
+    /// (and must not be reconnected to at full speed).
+    pub fn is_failure(&self, was_ready: bool, answered: bool, in_flight: bool) -> bool {
         match self {
             CloseReason::Idle | CloseReason::Recycled | CloseReason::Shutdown => false,
             CloseReason::Stalled | CloseReason::Tls(_) | CloseReason::BadFrame(_) => true,
-            _ => !was_ready,
+            _ => !was_ready || (in_flight && !answered),
         }
     }
 }
@@ -117,22 +118,28 @@ pub struct UpstreamConn {
     pub ids: IdTable,
     pub last_read: Instant,
     pub last_active: Instant,
+    /// When an answer last matched a query on this connection.
+    pub last_answer: Option<Instant>,
     pub was_ready: bool,
     /// Queued on the proxy's flush list this turn.
     pub dirty: bool,
+    /// Close after this long with nothing in flight: our default, or less
+    /// when the server announces a shorter edns-tcp-keepalive timeout.
+    pub idle: Duration,
 }
 
 impl UpstreamConn {
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         upstream: usize,
         gen: u32,
         addr: SocketAddr,
         name: &ServerName<'static>,
         config: &Arc<rustls::ClientConfig>,
+        idle: Duration,
         now: Instant,
     ) -> Result<Self, CloseReason> {
-        let mut tls =
-            ClientConnection::new(Arc::clone(config), name.clone()).map_err(CloseReason::Tls)?;
+        let mut tls = ClientConnection::new(Arc::clone(config), name.clone()).map_err(CloseReason::Tls)?;
         // The proxy bounds what is queued (in-flight caps); a rustls limit
         // would instead cut a frame in half inside `write`.
         tls.set_buffer_limit(None);
@@ -151,8 +158,10 @@ impl UpstreamConn {
             ids: IdTable::default(),
             last_read: now,
             last_active: now,
+            last_answer: None,
             was_ready: false,
             dirty: false,
+            idle,
         })
     }
 
@@ -182,10 +191,7 @@ impl UpstreamConn {
     pub fn flush(&mut self) -> Result<(), CloseReason> {
         if !self.out.is_empty() {
             // With the buffer limit off, rustls takes everything at once.
-            self.tls
-                .writer()
-                .write_all(&self.out)
-                .map_err(CloseReason::Io)?;
+            self.tls.writer().write_all(&self.out).map_err(CloseReason::Io)?;
             self.out.clear();
             if self.out.capacity() > READ_CHUNK {
                 self.out = Vec::new();
@@ -249,9 +255,7 @@ impl UpstreamConn {
             let mut input = scratch.get(..n).unwrap_or(&[]);
             while !input.is_empty() {
                 match self.tls.read_tls(&mut input) {
-                    Ok(0) => {
-                        return Err(CloseReason::Io(io::Error::other("TLS layer refused input")))
-                    }
+                    Ok(0) => return Err(CloseReason::Io(io::Error::other("TLS layer refused input"))),
                     Ok(_) => {}
                     Err(e) => return Err(CloseReason::Io(e)),
                 }
@@ -278,11 +282,7 @@ impl UpstreamConn {
             let buf = self.decoder.spare(want);
             let mut got = 0;
             while got < want {
-                match self
-                    .tls
-                    .reader()
-                    .read(buf.get_mut(got..).unwrap_or(&mut []))
-                {
+                match self.tls.reader().read(buf.get_mut(got..).unwrap_or(&mut [])) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => got += n,
                 }
@@ -297,6 +297,19 @@ impl UpstreamConn {
         if self.state != ConnState::Connecting {
             self.tls.send_close_notify();
             let _ = self.flush();
+        }
+    }
+
+    /// Honour the server's edns-tcp-keepalive TIMEOUT (RFC 7828 §3.2.2):
+    /// close before it expires; 0 means send nothing more on this
+    /// connection.
+    pub fn keepalive(&mut self, timeout: u16) {
+        if timeout == 0 {
+            self.state = ConnState::Draining;
+        } else {
+            // Leave a margin so our close_notify beats the server's close.
+            let server = Duration::from_millis(u64::from(timeout) * 100);
+            self.idle = self.idle.min(server.mul_f32(0.8));
         }
     }
 

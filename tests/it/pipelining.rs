@@ -1,0 +1,156 @@
+//! Pipelining over TCP, out-of-order answers, many UDP clients sharing IDs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::util::client::udp_bulk;
+use crate::util::dns::{Message, ANSWER_ADDR, RCODE_NOERROR};
+use crate::util::{deadline_ms, query, Script, Setup, TcpClient};
+
+/// Distinct, scattered client IDs (7919 is odd, so i -> i*7919 is a bijection
+/// mod 2^16).
+fn scattered_id(i: usize) -> u16 {
+    ((i as u32 * 7919) as u16) ^ 0x5a5a
+}
+
+/// Sends `n` queries (q0..q{n-1}.example) in ONE write on one connection and
+/// checks every answer is there exactly once, matched by ID and qname.
+fn pipelined_tcp(s: &Setup, n: usize) {
+    let mut want: HashMap<u16, String> = HashMap::new();
+    let mut msgs = Vec::new();
+    for i in 0..n {
+        let (id, name) = (scattered_id(i), format!("q{i}.example"));
+        msgs.push(query(id, &name));
+        want.insert(id, name);
+    }
+    let mut c = TcpClient::connect(s.proxy.tcp_addr());
+    c.send_many(&msgs);
+    let answers = c.recv_n(n, deadline_ms(15_000));
+    let mut seen: HashMap<u16, usize> = HashMap::new();
+    let mut order = Vec::new();
+    for a in &answers {
+        let m = Message::must(a);
+        let name = want
+            .get(&m.id)
+            .unwrap_or_else(|| panic!("answer with unknown ID {:#06x}", m.id));
+        assert_eq!(m.qname(), name, "ID {:#06x} answered for the wrong name", m.id);
+        assert_eq!(m.rcode, RCODE_NOERROR, "rcode for {name}");
+        assert_eq!(m.a_records(), vec![ANSWER_ADDR], "answer for {name}");
+        *seen.entry(m.id).or_default() += 1;
+        order.push(m.id);
+    }
+    let missing: Vec<_> = want.keys().filter(|id| !seen.contains_key(id)).collect();
+    assert!(
+        missing.is_empty() && answers.len() == n,
+        "{} of {n} answers; missing {} IDs",
+        answers.len(),
+        missing.len()
+    );
+    assert!(seen.values().all(|&c| c == 1), "duplicate answers");
+    assert_eq!(
+        s.upstream.duplicate_inflight_ids(),
+        0,
+        "proxy reused an in-flight upstream ID on one connection"
+    );
+}
+
+#[test]
+fn tcp_200_pipelined_in_one_write_reverse_batches() {
+    let s = Setup::with_timeout(Script::reverse_batch(50), 5000);
+    pipelined_tcp(&s, 200);
+    assert!(s.upstream.query_count() >= 200);
+}
+
+#[test]
+fn tcp_200_pipelined_in_one_write_random_delays() {
+    let s = Setup::with_timeout(Script::default().with_jitter(Duration::from_millis(200)), 5000);
+    pipelined_tcp(&s, 200);
+}
+
+#[test]
+fn tcp_200_pipelined_reverse_batches_with_jitter() {
+    let s = Setup::with_timeout(Script::reverse_batch(50).with_jitter(Duration::from_millis(30)), 5000);
+    pipelined_tcp(&s, 200);
+}
+
+/// Frames cut at awkward places (inside the length prefix, inside a
+/// message), written with pauses: the proxy reassembles them.
+#[test]
+fn tcp_frames_split_across_writes() {
+    let s = Setup::new(Script::default());
+    let mut bytes = Vec::new();
+    for i in 0..5u16 {
+        bytes.extend_from_slice(&crate::util::dns::frame(&query(i, &format!("s{i}.example"))));
+    }
+    let cuts = [1, 2, 9, 30, 31, 60, bytes.len() - 1];
+    let mut c = TcpClient::connect(s.proxy.tcp_addr());
+    c.send_split(&bytes, &cuts, Duration::from_millis(5));
+    let answers = c.recv_n(5, deadline_ms(5000));
+    let mut ids: Vec<u16> = answers.iter().map(|a| Message::must(a).id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+}
+
+/// 20 UDP sockets x 100 queries, every socket using the SAME IDs 0..100;
+/// each answer must reach the right socket with the right ID and qname.
+#[test]
+fn udp_2000_queries_20_sockets_same_ids() {
+    const SOCKETS: usize = 20;
+    const PER: usize = 100;
+    const WINDOW: usize = 10;
+    let s = Setup::with_timeout(Script::default(), 3000);
+    let addr = s.proxy.udp_addr();
+    let results: Vec<_> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..SOCKETS)
+            .map(|k| {
+                sc.spawn(move || {
+                    let qs: Vec<_> = (0..PER)
+                        .map(|i| query(i as u16, &format!("s{k}-q{i}.example")))
+                        .collect();
+                    let r = udp_bulk(
+                        addr,
+                        &qs,
+                        WINDOW,
+                        Some(Duration::from_millis(1500)),
+                        deadline_ms(25_000),
+                    );
+                    (k, r)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut retransmits = 0;
+    for (k, r) in &results {
+        retransmits += r.retransmits;
+        for (i, a) in r.answers.iter().enumerate() {
+            let a = a
+                .as_ref()
+                .unwrap_or_else(|| panic!("socket {k}: query {i} unanswered ({} answered)", r.answered()));
+            let m = Message::must(a);
+            assert_eq!(m.id as usize, i);
+            assert_eq!(
+                m.qname(),
+                format!("s{k}-q{i}.example"),
+                "socket {k} ID {i}: answer for another client"
+            );
+            assert_eq!(m.rcode, RCODE_NOERROR, "socket {k} query {i}");
+            assert_eq!(m.a_records(), vec![ANSWER_ADDR]);
+        }
+        for st in &r.stray {
+            // Only duplicates of our own retransmitted queries are tolerated.
+            let m = Message::must(st);
+            assert_eq!(
+                m.qname(),
+                format!("s{k}-q{}.example", m.id),
+                "socket {k}: stray answer for another client"
+            );
+        }
+    }
+    // UDP may lose a datagram now and then, but not systematically.
+    assert!(
+        retransmits <= 20,
+        "{retransmits} retransmissions needed for 2000 queries"
+    );
+    assert_eq!(s.upstream.duplicate_inflight_ids(), 0);
+}
