@@ -1,0 +1,596 @@
+#!/usr/bin/env bash
+# End-to-end check of a DNS -> DNS-over-TLS proxy against real third-party
+# software, loopback only:
+#
+#   dig / kdig / mdig / dnsperf  --UDP+TCP-->  BIN  --DoT-->  unbound
+#
+# Usage: tests/peers/run.sh BIN
+#
+# BIN is started as
+#   BIN --listen 127.0.0.1:PORT --upstream 127.0.0.1:DOTPORT#dot.test \
+#       --ca-file CA.pem --timeout 2000 --log-level info
+#
+# Needs: unbound, dig + mdig (dnsutils), kdig (knot-dnsutils), dnsperf,
+# openssl, ss (iproute2), ps (procps), timeout (coreutils).
+#
+# Everything is bounded: each client call runs under timeout(1), each wait
+# loop has a deadline, and every process started here is killed by PID from
+# an EXIT trap. Prints one PASS/FAIL line per check and exits non-zero if any
+# check failed (or 2 on a setup error).
+#
+# Environment:
+#   PEERS_KEEP=1        keep the temporary work directory
+#   PEERS_DURATION=5    dnsperf run length in seconds
+#   PEERS_QPS=2000      dnsperf rate limit (-Q)
+set -euo pipefail
+
+if [ "$#" -ne 1 ]; then
+    echo "usage: $0 PATH/TO/dotproxy" >&2
+    exit 2
+fi
+BIN=$1
+case $BIN in
+    */*) ;;
+    *) BIN=./$BIN ;;
+esac
+if [ ! -x "$BIN" ]; then
+    echo "error: $BIN is not an executable file" >&2
+    exit 2
+fi
+BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+
+DURATION=${PEERS_DURATION:-5}
+QPS=${PEERS_QPS:-2000}
+ZONE=peers.test
+NAMES=500
+TXT_RECORDS=30
+
+for tool in unbound dig mdig kdig dnsperf openssl ss ps timeout; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "error: required tool '$tool' not found" >&2
+        exit 2
+    fi
+done
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/dotproxy-peers.XXXXXX")
+PIDS=()
+PASSES=0
+FAILS=0
+FAILED=()
+PROXY_PID=
+UNBOUND_PID=
+
+log() { printf '==> %s\n' "$*"; }
+
+pass() {
+    printf 'PASS  %s\n' "$1"
+    PASSES=$((PASSES + 1))
+}
+
+fail() {
+    printf 'FAIL  %s%s\n' "$1" "${2:+  ($2)}"
+    FAILS=$((FAILS + 1))
+    FAILED+=("$1")
+}
+
+# is_running PID: true while PID exists and is not a zombie
+is_running() {
+    local st
+    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    case $st in
+        Z*) return 1 ;;
+        *) return 0 ;;
+    esac
+}
+
+# stop_pid PID SECONDS: SIGTERM, wait up to SECONDS, then SIGKILL
+stop_pid() {
+    local pid=$1 secs=${2:-3} i
+    is_running "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < secs * 10; i++)); do
+        is_running "$pid" || return 0
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+dump_logs() {
+    local f
+    for f in "$WORK"/proxy*.log "$WORK"/unbound.log; do
+        [ -s "$f" ] || continue
+        printf -- '----- %s (last 200 lines) -----\n' "$(basename "$f")"
+        tail -n 200 "$f"
+    done
+    printf -- '----- end of logs -----\n'
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid" 2
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "$rc" -ne 0 ] && [ -d "$WORK" ]; then
+        dump_logs
+    fi
+    if [ "${PEERS_KEEP:-0}" = 1 ]; then
+        echo "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# ---------------------------------------------------------------- ports
+USED_PORTS=" "
+port_in_use() {
+    [ -n "$(ss -Htuan "( sport = :$1 )" 2>/dev/null)" ]
+}
+# pick_port VAR: a free port in 20000..32767 (below Linux's default
+# ephemeral range, so an outgoing connection cannot take it between the check
+# and the bind), not yet handed out here
+pick_port() {
+    local p i
+    for ((i = 0; i < 100; i++)); do
+        p=$((20000 + RANDOM % 12768))
+        case $USED_PORTS in *" $p "*) continue ;; esac
+        if ! port_in_use "$p"; then
+            USED_PORTS="$USED_PORTS$p "
+            printf -v "$1" '%s' "$p"
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+
+# wait_listen PORT SECONDS PID: until PORT is listened on over UDP and TCP
+wait_listen() {
+    local port=$1 secs=$2 pid=$3 i
+    for ((i = 0; i < secs * 10; i++)); do
+        if [ -n "$(ss -Hlun "( sport = :$port )")" ] &&
+            [ -n "$(ss -Hltn "( sport = :$port )")" ]; then
+            return 0
+        fi
+        is_running "$pid" || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------- certificates
+log "work directory: $WORK"
+log "generating a private CA and a certificate for dot.test"
+(
+    cd "$WORK"
+    openssl ecparam -name prime256v1 -genkey -noout -out ca.key.tmp
+    openssl pkcs8 -topk8 -nocrypt -in ca.key.tmp -out ca.key
+    openssl req -x509 -new -key ca.key -sha256 -days 2 \
+        -subj "/CN=dotproxy peers test CA" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -addext "subjectKeyIdentifier=hash" \
+        -out ca.pem
+    openssl ecparam -name prime256v1 -genkey -noout -out server.key.tmp
+    openssl pkcs8 -topk8 -nocrypt -in server.key.tmp -out server.key
+    openssl req -new -key server.key -subj "/CN=dot.test" -out server.csr
+    cat >server.ext <<'EOF'
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:dot.test,IP:127.0.0.1
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid
+EOF
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key \
+        -CAcreateserial -days 2 -sha256 -extfile server.ext -out server.pem
+    cat server.pem ca.pem >server-chain.pem
+    rm -f ./*.tmp server.csr
+    openssl verify -CAfile ca.pem server.pem
+) >"$WORK/openssl.log" 2>&1 || {
+    cat "$WORK/openssl.log" >&2
+    die "certificate generation failed"
+}
+CA=$WORK/ca.pem
+
+# ---------------------------------------------------------------- zone
+log "writing zone $ZONE ($NAMES names, $TXT_RECORDS TXT records on big.$ZONE)"
+{
+    printf '    local-zone: "%s." static\n' "$ZONE"
+    printf "    local-data: '%s. 300 IN SOA ns.%s. hostmaster.%s. 1 3600 600 86400 300'\n" \
+        "$ZONE" "$ZONE" "$ZONE"
+    printf "    local-data: '%s. 300 IN NS ns.%s.'\n" "$ZONE" "$ZONE"
+    printf "    local-data: 'ns.%s. 300 IN A 192.0.2.53'\n" "$ZONE"
+    printf "    local-data: 'a.%s. 300 IN A 192.0.2.10'\n" "$ZONE"
+    printf "    local-data: 'aaaa.%s. 300 IN AAAA 2001:db8::10'\n" "$ZONE"
+    filler=$(printf '%0100d' 0 | tr 0 x)
+    for ((i = 0; i < TXT_RECORDS; i++)); do
+        # 100 bytes of text per record, each one distinct
+        txt=$(printf 'txt-%02d-%s' "$i" "$filler")
+        printf "    local-data: 'big.%s. 300 IN TXT \"%s\"'\n" "$ZONE" "${txt:0:100}"
+    done
+    for ((i = 0; i < NAMES; i++)); do
+        printf "    local-data: 'n%d.%s. 300 IN A 192.0.2.%d'\n" \
+            "$i" "$ZONE" $((i % 250 + 1))
+    done
+} >"$WORK/zone.conf"
+for ((i = 0; i < NAMES; i++)); do
+    printf 'n%d.%s A\n' "$i" "$ZONE"
+done >"$WORK/queries.txt"
+
+# ---------------------------------------------------------------- unbound
+pick_port PLAIN_PORT
+pick_port DOT_PORT
+cat >"$WORK/unbound.conf" <<EOF
+# DoT upstream for tests/peers/run.sh: local data only, never recurses.
+server:
+    username: ""
+    chroot: ""
+    directory: "$WORK"
+    pidfile: ""
+    use-syslog: no
+    logfile: ""
+    verbosity: 1
+    log-queries: no
+
+    num-threads: 1
+    interface: 127.0.0.1@$PLAIN_PORT
+    interface: 127.0.0.1@$DOT_PORT
+    port: $PLAIN_PORT
+    tls-port: $DOT_PORT
+    tls-service-key: "$WORK/server.key"
+    tls-service-pem: "$WORK/server-chain.pem"
+    do-ip4: yes
+    do-ip6: no
+    do-udp: yes
+    do-tcp: yes
+    access-control: 127.0.0.0/8 allow
+    incoming-num-tcp: 200
+    tcp-idle-timeout: 30000
+    edns-tcp-keepalive: yes
+    edns-tcp-keepalive-timeout: 30000
+    ratelimit: 0
+    ip-ratelimit: 0
+    max-udp-size: 1232
+    edns-buffer-size: 1232
+
+    module-config: "iterator"
+    outgoing-range: 16
+    outgoing-num-tcp: 0
+    do-not-query-localhost: yes
+    local-zone: "." static
+    include: "$WORK/zone.conf"
+    statistics-interval: 0
+
+remote-control:
+    control-enable: no
+EOF
+if ! unbound-checkconf "$WORK/unbound.conf" >"$WORK/checkconf.log" 2>&1; then
+    cat "$WORK/checkconf.log" >&2
+    die "unbound-checkconf rejected the generated configuration"
+fi
+
+log "starting unbound $(unbound -V 2>/dev/null | sed -n 's/^Version //p') (plain :$PLAIN_PORT, DoT :$DOT_PORT)"
+unbound -d -c "$WORK/unbound.conf" >"$WORK/unbound.log" 2>&1 &
+UNBOUND_PID=$!
+PIDS+=("$UNBOUND_PID")
+
+# bounded poll: plain port answers, then the DoT port answers
+ready=0
+for ((i = 0; i < 100; i++)); do
+    is_running "$UNBOUND_PID" || break
+    out=$(timeout 3 dig @127.0.0.1 -p "$PLAIN_PORT" +time=1 +tries=1 \
+        "a.$ZONE" A 2>/dev/null || true)
+    if grep -q 'status: NOERROR' <<<"$out"; then
+        ready=1
+        break
+    fi
+    sleep 0.1
+done
+if [ "$ready" != 1 ]; then
+    cat "$WORK/unbound.log" >&2
+    die "unbound did not come up within 10 s"
+fi
+
+# ---------------------------------------------------------------- helpers
+# status_of TEXT: first rcode found in dig/kdig/mdig output
+status_of() {
+    grep -o 'status: [A-Z]*' <<<"$1" | head -n 1 | cut -d' ' -f2
+}
+# flags_of TEXT: header flags of the first dig response
+flags_of() {
+    grep -m 1 '^;; flags:' <<<"$1" | cut -d';' -f3 | sed 's/^ *flags: *//'
+}
+# msg_size_of TEXT: size of the last message dig received
+msg_size_of() {
+    grep 'MSG SIZE' <<<"$1" | tail -n 1 | grep -o '[0-9]*$'
+}
+txt_count() {
+    grep -cE 'IN[[:space:]]+TXT[[:space:]]+"' <<<"$1" || true
+}
+now_ms() {
+    echo $(($(date +%s%N) / 1000000))
+}
+
+PORT=
+dig_p() {
+    timeout 10 dig @127.0.0.1 -p "$PORT" +time=2 +tries=1 "$@" 2>&1 || true
+}
+kdig_p() {
+    timeout 10 kdig @127.0.0.1 -p "$PORT" +time=2 +retry=0 "$@" 2>&1 || true
+}
+
+# expect NAME OUTPUT STATUS [REGEX]: status must match; REGEX must match too
+expect() {
+    local name=$1 out=$2 want=$3 re=${4:-} got
+    got=$(status_of "$out")
+    if [ "$got" != "$want" ]; then
+        fail "$name" "status '${got:-none}', want $want"
+        printf '%s\n' "$out" | sed 's/^/      | /' | head -n 40
+        return 0
+    fi
+    if [ -n "$re" ] && ! grep -qE "$re" <<<"$out"; then
+        fail "$name" "answer does not match /$re/"
+        printf '%s\n' "$out" | sed 's/^/      | /' | head -n 40
+        return 0
+    fi
+    pass "$name"
+}
+
+A_RE="a\\.$ZONE\\.[[:space:]]+[0-9]+[[:space:]]+IN[[:space:]]+A[[:space:]]+192\\.0\\.2\\.10"
+AAAA_RE="aaaa\\.$ZONE\\.[[:space:]]+[0-9]+[[:space:]]+IN[[:space:]]+AAAA[[:space:]]+2001:db8::10"
+
+# ---------------------------------------------------------------- upstream
+log "upstream sanity checks (unbound directly)"
+PORT=$DOT_PORT
+expect "upstream: kdig +tls (CA-validated, dot.test) a.$ZONE A" \
+    "$(kdig_p +tls +tls-ca="$CA" +tls-hostname=dot.test "a.$ZONE" A)" NOERROR "$A_RE"
+out=$(kdig_p +tls +tls-ca="$CA" +tls-hostname=wrong.test "a.$ZONE" A)
+if [ -z "$(status_of "$out")" ]; then
+    pass "upstream: kdig +tls refuses hostname wrong.test"
+else
+    fail "upstream: kdig +tls refuses hostname wrong.test" "got an answer"
+fi
+out=$(timeout 20 dnsperf -m dot -s 127.0.0.1 -p "$DOT_PORT" -d "$WORK/queries.txt" \
+    -l 2 -c 2 -Q "$QPS" -t 2 2>&1 || true)
+if grep -q 'Queries lost: *0 ' <<<"$out"; then
+    pass "upstream: dnsperf -m dot, no loss ($(grep -o 'Queries per second: *[0-9.]*' <<<"$out" | grep -o '[0-9.]*$') qps)"
+else
+    fail "upstream: dnsperf -m dot, no loss"
+    printf '%s\n' "$out" | sed 's/^/      | /' | tail -n 25
+fi
+
+# ---------------------------------------------------------------- proxy
+pick_port PORT
+log "starting proxy on :$PORT -> 127.0.0.1:$DOT_PORT#dot.test"
+"$BIN" --listen "127.0.0.1:$PORT" --upstream "127.0.0.1:$DOT_PORT#dot.test" \
+    --ca-file "$CA" --timeout 2000 --log-level info >"$WORK/proxy.log" 2>&1 &
+PROXY_PID=$!
+PIDS+=("$PROXY_PID")
+
+ready=0
+if wait_listen "$PORT" 10 "$PROXY_PID"; then
+    for ((i = 0; i < 20; i++)); do
+        is_running "$PROXY_PID" || break
+        if [ "$(status_of "$(timeout 3 dig @127.0.0.1 -p "$PORT" +time=1 +tries=1 \
+            "a.$ZONE" A 2>/dev/null || true)")" = NOERROR ]; then
+            ready=1
+            break
+        fi
+        sleep 0.25
+    done
+fi
+if [ "$ready" != 1 ]; then
+    if is_running "$PROXY_PID"; then
+        why="running, but no NOERROR answer"
+    else
+        rc=0
+        wait "$PROXY_PID" || rc=$?
+        why="exited with status $rc"
+    fi
+    fail "proxy: starts and answers a.$ZONE within 15 s" "$why"
+    exit 1
+fi
+pass "proxy: starts and answers a.$ZONE"
+
+log "dig over UDP and TCP"
+for mode in udp tcp; do
+    opt=+notcp
+    [ "$mode" = tcp ] && opt=+tcp
+    expect "dig $mode: a.$ZONE A" "$(dig_p "$opt" "a.$ZONE" A)" NOERROR "$A_RE"
+    expect "dig $mode: aaaa.$ZONE AAAA" "$(dig_p "$opt" "aaaa.$ZONE" AAAA)" NOERROR "$AAAA_RE"
+    out=$(dig_p "$opt" "a.$ZONE" AAAA)
+    expect "dig $mode: a.$ZONE AAAA (NODATA)" "$out" NOERROR "ANSWER: 0,"
+    expect "dig $mode: nx.$ZONE A" "$(dig_p "$opt" "nx.$ZONE" A)" NXDOMAIN
+done
+
+log "truncation"
+out=$(dig_p +noedns +ignore "big.$ZONE" TXT)
+flags=$(flags_of "$out")
+size=$(msg_size_of "$out")
+if grep -qw tc <<<"$flags" && [ -n "$size" ] && [ "$size" -le 512 ]; then
+    pass "dig udp +noedns: big.$ZONE TXT truncated (flags: $flags; $size bytes)"
+else
+    fail "dig udp +noedns: big.$ZONE TXT truncated" "flags '$flags', size '${size:-none}'"
+    printf '%s\n' "$out" | sed 's/^/      | /' | head -n 30
+fi
+
+out=$(dig_p +bufsize=1232 +ignore "big.$ZONE" TXT)
+flags=$(flags_of "$out")
+size=$(msg_size_of "$out")
+if grep -qw tc <<<"$flags" && grep -q 'OPT PSEUDOSECTION' <<<"$out" &&
+    [ -n "$size" ] && [ "$size" -le 1232 ]; then
+    pass "dig udp +bufsize=1232: big.$ZONE TXT truncated, OPT kept ($size bytes)"
+else
+    fail "dig udp +bufsize=1232: big.$ZONE TXT truncated with OPT" \
+        "flags '$flags', size '${size:-none}'"
+    printf '%s\n' "$out" | sed 's/^/      | /' | head -n 30
+fi
+
+out=$(dig_p "big.$ZONE" TXT)
+n=$(txt_count "$out")
+if [ "$(status_of "$out")" = NOERROR ] && [ "$n" -eq "$TXT_RECORDS" ] &&
+    grep -q 'Truncated, retrying in TCP' <<<"$out"; then
+    pass "dig default: big.$ZONE TXT truncated over UDP, $n TXT records over TCP ($(msg_size_of "$out") bytes)"
+else
+    fail "dig default: big.$ZONE TXT via TC + TCP retry" \
+        "status '$(status_of "$out")', $n TXT records"
+    printf '%s\n' "$out" | sed 's/^/      | /' | head -n 20
+fi
+
+out=$(dig_p +tcp "big.$ZONE" TXT)
+n=$(txt_count "$out")
+if [ "$(status_of "$out")" = NOERROR ] && [ "$n" -eq "$TXT_RECORDS" ]; then
+    pass "dig tcp: big.$ZONE TXT, $n TXT records"
+else
+    fail "dig tcp: big.$ZONE TXT" "status '$(status_of "$out")', $n TXT records"
+fi
+
+log "kdig"
+expect "kdig udp: a.$ZONE A" "$(kdig_p +notcp "a.$ZONE" A)" NOERROR "$A_RE"
+expect "kdig tcp: a.$ZONE A" "$(kdig_p +tcp "a.$ZONE" A)" NOERROR "$A_RE"
+expect "kdig tcp: aaaa.$ZONE AAAA" "$(kdig_p +tcp "aaaa.$ZONE" AAAA)" NOERROR "$AAAA_RE"
+expect "kdig udp: nx.$ZONE A" "$(kdig_p +notcp "nx.$ZONE" A)" NXDOMAIN
+
+# several queries, one after another, on one kept-open TCP connection
+out=$(kdig_p +tcp +keepopen "a.$ZONE" A "aaaa.$ZONE" AAAA "nx.$ZONE" A "big.$ZONE" TXT "n7.$ZONE" A)
+st=$(grep -o 'status: [A-Z]*' <<<"$out" | cut -d' ' -f2 | tr '\n' ' ')
+if [ "$st" = "NOERROR NOERROR NXDOMAIN NOERROR NOERROR " ] &&
+    grep -qE "$A_RE" <<<"$out" && grep -qE "$AAAA_RE" <<<"$out" &&
+    [ "$(txt_count "$out")" -eq "$TXT_RECORDS" ]; then
+    pass "kdig tcp +keepopen: 5 queries on one connection"
+else
+    fail "kdig tcp +keepopen: 5 queries on one connection" "statuses: $st"
+    printf '%s\n' "$out" | sed 's/^/      | /' | head -n 40
+fi
+
+log "mdig (all queries sent at once)"
+mdig_names=("a.$ZONE" "nx.$ZONE" "big.$ZONE")
+for ((i = 0; i < 20; i++)); do mdig_names+=("n$((i * 7)).$ZONE"); done
+# mdig: options before the first name are global defaults, later local
+# options apply to the name that follows them
+mdig_args=(+nottlunits +timeout=3 -t A)
+for name in "${mdig_names[@]}"; do
+    t=A
+    [ "$name" = "big.$ZONE" ] && t=TXT
+    mdig_args+=(-t "$t" "$name")
+done
+for mode in udp tcp; do
+    opt=+notcp
+    [ "$mode" = tcp ] && opt=+tcp
+    out=$(timeout 15 mdig @127.0.0.1 -p "$PORT" "$opt" "${mdig_args[@]}" 2>&1 || true)
+    noerr=$(grep -c 'status: NOERROR' <<<"$out" || true)
+    nx=$(grep -c 'status: NXDOMAIN' <<<"$out" || true)
+    # over UDP big.* comes back truncated (mdig does not retry): any status is fine
+    want_noerr=$((${#mdig_names[@]} - 1))
+    if [ "$nx" -eq 1 ] && [ "$noerr" -ge $((want_noerr - 1)) ] &&
+        { [ "$mode" = udp ] || [ "$noerr" -eq "$want_noerr" ]; } &&
+        grep -qE "$A_RE" <<<"$out"; then
+        pass "mdig $mode: ${#mdig_names[@]} queries in flight at once ($noerr NOERROR, $nx NXDOMAIN)"
+    else
+        fail "mdig $mode: ${#mdig_names[@]} queries in flight at once" "$noerr NOERROR, $nx NXDOMAIN"
+        printf '%s\n' "$out" | sed 's/^/      | /' | head -n 40
+    fi
+done
+if [ "$(txt_count "$out")" -eq "$TXT_RECORDS" ]; then
+    pass "mdig tcp: big.$ZONE TXT complete among pipelined answers"
+else
+    fail "mdig tcp: big.$ZONE TXT complete among pipelined answers" "$(txt_count "$out") TXT records"
+fi
+
+log "certificate name mismatch"
+pick_port BAD_PORT
+"$BIN" --listen "127.0.0.1:$BAD_PORT" --upstream "127.0.0.1:$DOT_PORT#wrong.test" \
+    --ca-file "$CA" --timeout 2000 --log-level info >"$WORK/proxy-wrong-name.log" 2>&1 &
+BAD_PID=$!
+PIDS+=("$BAD_PID")
+if wait_listen "$BAD_PORT" 10 "$BAD_PID"; then
+    for mode in udp tcp; do
+        opt=+notcp
+        [ "$mode" = tcp ] && opt=+tcp
+        t0=$(now_ms)
+        out=$(timeout 10 dig @127.0.0.1 -p "$BAD_PORT" +time=3 +tries=1 "$opt" "a.$ZONE" A 2>&1 || true)
+        dt=$(($(now_ms) - t0))
+        if [ "$(status_of "$out")" = SERVFAIL ] && [ "$dt" -lt 3000 ]; then
+            pass "wrong name ($mode): SERVFAIL in $dt ms"
+        else
+            fail "wrong name ($mode): SERVFAIL within 3 s" \
+                "status '$(status_of "$out")' after $dt ms"
+        fi
+    done
+else
+    fail "wrong name: second proxy instance listening within 10 s"
+fi
+stop_pid "$BAD_PID" 3
+
+log "dnsperf: $NAMES names, ${DURATION}s, 4 clients, -Q $QPS"
+for mode in udp tcp; do
+    out=$(timeout $((DURATION + 30)) dnsperf -m "$mode" -s 127.0.0.1 -p "$PORT" \
+        -d "$WORK/queries.txt" -l "$DURATION" -c 4 -Q "$QPS" -t 3 2>&1 || true)
+    sent=$(sed -n 's/^ *Queries sent: *\([0-9]*\).*/\1/p' <<<"$out")
+    done_=$(sed -n 's/^ *Queries completed: *\([0-9]*\).*/\1/p' <<<"$out")
+    lost=$(sed -n 's/^ *Queries lost: *\([0-9]*\).*/\1/p' <<<"$out")
+    qps=$(sed -n 's/^ *Queries per second: *\([0-9.]*\).*/\1/p' <<<"$out")
+    lat=$(sed -n 's/^ *Average Latency (s): *\([0-9.]*\).*/\1/p' <<<"$out" | head -n 1)
+    codes=$(sed -n 's/^ *Response codes: *//p' <<<"$out")
+    summary="sent=${sent:-?} completed=${done_:-?} lost=${lost:-?} qps=${qps:-?} avg_latency_s=${lat:-?} rcodes: ${codes:-?}"
+    echo "      dnsperf $mode: $summary"
+    if [ -n "$sent" ] && [ "$sent" -gt 0 ] && [ "$lost" = 0 ] &&
+        [ "$done_" = "$sent" ] && grep -q "^NOERROR $sent " <<<"$codes"; then
+        pass "dnsperf $mode: $sent/$sent completed, 0 lost, ${qps%.*} qps"
+    else
+        fail "dnsperf $mode: all queries completed, none lost" "$summary"
+        printf '%s\n' "$out" | sed 's/^/      | /' | tail -n 25
+    fi
+done
+
+log "proxy process"
+if is_running "$PROXY_PID"; then
+    rss=$(sed -n 's/^VmRSS:[[:space:]]*//p' "/proc/$PROXY_PID/status" 2>/dev/null || true)
+    pass "proxy: still running after all checks (RSS ${rss:-?})"
+    t0=$(now_ms)
+    kill -TERM "$PROXY_PID"
+    for ((i = 0; i < 30; i++)); do
+        is_running "$PROXY_PID" || break
+        sleep 0.1
+    done
+    if is_running "$PROXY_PID"; then
+        fail "proxy: exits within 3 s of SIGTERM"
+    else
+        rc=0
+        wait "$PROXY_PID" || rc=$?
+        dt=$(($(now_ms) - t0))
+        if [ "$rc" = 0 ] || [ "$rc" = 143 ]; then
+            pass "proxy: exits on SIGTERM in $dt ms (status $rc)"
+        else
+            fail "proxy: exits cleanly on SIGTERM" "exit status $rc after $dt ms"
+        fi
+    fi
+else
+    rc=0
+    wait "$PROXY_PID" || rc=$?
+    fail "proxy: still running after all checks" "exited with status $rc"
+fi
+
+if [ -s "$WORK/proxy.log" ]; then
+    echo "      proxy log: $(wc -l <"$WORK/proxy.log") lines," \
+        "$(grep -ciE 'warn|error' "$WORK/proxy.log" || true) mentioning warn/error"
+fi
+
+echo
+echo "peers: $PASSES passed, $FAILS failed"
+if [ "$FAILS" -ne 0 ]; then
+    printf '  failed: %s\n' "${FAILED[@]}"
+    exit 1
+fi
