@@ -20,6 +20,8 @@
 //! +--+--+--+--+--+--+--+--+--+--+--+--+--+--+--+--+
 //! ```
 
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
 pub const HEADER_LEN: usize = 12;
 /// Largest name in wire form (RFC 1035 §2.3.4).
 const MAX_NAME: usize = 255;
@@ -75,12 +77,20 @@ const CD: u8 = 0x10;
 
 fn u16_at(msg: &[u8], at: usize) -> Option<u16> {
     let b = msg.get(at..at.checked_add(2)?)?;
-    Some(u16::from_be_bytes([b[0], b[1]]))
+    Some(u16::from_be_bytes(b.try_into().ok()?))
+}
+
+/// Overwrite a big-endian u16; a no-op out of bounds (callers only write
+/// where they just wrote or checked).
+fn put_u16(msg: &mut [u8], at: usize, v: u16) {
+    if let Some(b) = msg.get_mut(at..at.saturating_add(2)) {
+        b.copy_from_slice(&v.to_be_bytes());
+    }
 }
 
 fn u32_at(msg: &[u8], at: usize) -> Option<u32> {
     let b = msg.get(at..at.checked_add(4)?)?;
-    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    Some(u32::from_be_bytes(b.try_into().ok()?))
 }
 
 /// The message ID, or `None` for fewer than two bytes.
@@ -353,7 +363,7 @@ pub fn parse_query(msg: &[u8]) -> Result<QueryInfo, Reject> {
     let Some(header) = msg.get(..HEADER_LEN) else {
         return Err(Reject::Drop("shorter than a header"));
     };
-    let flags = header[field::FLAGS_HI];
+    let flags = header.get(field::FLAGS_HI).copied().unwrap_or(0);
     // Answers sent to us would be echoed back: the start of a reflection loop.
     if flags & QR != 0 {
         return Err(Reject::Drop("QR=1"));
@@ -486,7 +496,7 @@ fn push_opt(out: &mut Vec<u8>, ext_rcode: u8, dnssec_ok: bool, ede: Option<(u16,
     match ede {
         None => out.extend_from_slice(&[0, 0]),
         Some((code, text)) => {
-            let text = &text.as_bytes()[..text.len().min(64)];
+            let text = text.as_bytes().get(..text.len().min(64)).unwrap_or_default();
             let optlen = 2 + text.len();
             out.extend_from_slice(&((4 + optlen) as u16).to_be_bytes());
             out.extend_from_slice(&OPT_EDE.to_be_bytes());
@@ -554,7 +564,7 @@ fn options(rdata: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), WireError>
             let code = u16_at(rest, 0).ok_or(WireError::Short)?;
             let len = u16_at(rest, 2).ok_or(WireError::Short)? as usize;
             let data = rest.get(4..4 + len).ok_or(WireError::Short)?;
-            rest = &rest[4 + len..];
+            rest = rest.get(4 + len..).unwrap_or_default();
             Ok((code, data))
         })();
         if item.is_err() {
@@ -595,7 +605,7 @@ pub fn pad_query(out: &mut Vec<u8>, msg: &[u8], info: &QueryInfo, block: u16, ke
     out.extend_from_slice(after);
     if info.opt.is_none() {
         let ar = u16_at(out, field::ARCOUNT).unwrap_or(0).saturating_add(1);
-        out[field::ARCOUNT..field::ARCOUNT + 2].copy_from_slice(&ar.to_be_bytes());
+        put_u16(out, field::ARCOUNT, ar);
     }
     out.push(0);
     out.extend_from_slice(&TYPE_OPT.to_be_bytes());
@@ -622,7 +632,7 @@ pub fn pad_query(out: &mut Vec<u8>, msg: &[u8], info: &QueryInfo, block: u16, ke
         out.resize(out.len() + pad, 0);
     }
     let rdlen = (out.len() - rdlen_at - 2) as u16;
-    out[rdlen_at..rdlen_at + 2].copy_from_slice(&rdlen.to_be_bytes());
+    put_u16(out, rdlen_at, rdlen);
 }
 
 /// What the upstream said about its connection in an answer.
@@ -661,7 +671,7 @@ pub fn strip_answer(answer: &mut Vec<u8>, walk: &Walk, client_opt: bool) -> Resu
         }
         answer.drain(o.start..o.end);
         let ar = u16_at(answer, field::ARCOUNT).unwrap_or(1).saturating_sub(1);
-        answer[field::ARCOUNT..field::ARCOUNT + 2].copy_from_slice(&ar.to_be_bytes());
+        put_u16(answer, field::ARCOUNT, ar);
     } else if drop > 0 {
         // Compact the kept options in place, then cut the tail.
         let mut write = o.rdata;
@@ -676,7 +686,7 @@ pub fn strip_answer(answer: &mut Vec<u8>, walk: &Walk, client_opt: bool) -> Resu
             read += len;
         }
         answer.drain(write..o.end);
-        answer[o.rdata - 2..o.rdata].copy_from_slice(&(kept as u16).to_be_bytes());
+        put_u16(answer, o.rdata - 2, kept as u16);
     }
     if o.end != walk.end && (drop > 0 || !client_opt) {
         // Records after the OPT moved: make sure the result still parses

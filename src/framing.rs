@@ -5,6 +5,8 @@
 //! and hands out whole messages one at a time. It owns one buffer that is
 //! reused for the life of the connection.
 
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
 /// A frame that cannot be a DNS message: the stream has lost sync and the
 /// connection must close (RFC 7766 §8 gives no way to resynchronise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +41,7 @@ impl FrameDecoder {
         self.compact();
         let len = self.buf.len();
         self.buf.resize(len + n, 0);
-        &mut self.buf[len..]
+        self.buf.get_mut(len..).unwrap_or_default()
     }
 
     /// Keep `used` of the bytes last offered by [`spare`](Self::spare).
@@ -51,7 +53,7 @@ impl FrameDecoder {
     /// Move the next whole message into `out` (replacing its content).
     /// `Ok(false)` means the next frame is not complete yet.
     pub fn next_into(&mut self, out: &mut Vec<u8>) -> Result<bool, FrameTooShort> {
-        let pending = &self.buf[self.start..];
+        let pending = self.buf.get(self.start..).unwrap_or_default();
         let [hi, lo, rest @ ..] = pending else {
             return Ok(false);
         };
@@ -95,7 +97,7 @@ impl FrameDecoder {
 pub fn push_frame(out: &mut Vec<u8>, msg: &[u8]) {
     let len = u16::try_from(msg.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&msg[..len as usize]);
+    out.extend_from_slice(msg.get(..len as usize).unwrap_or_default());
 }
 
 #[cfg(test)]
