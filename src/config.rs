@@ -16,10 +16,14 @@ USAGE:
 OPTIONS:
   -l, --listen ADDR:PORT          listen for plain DNS on UDP and TCP; repeatable;
                                   IPv6 as [::1]:5053 (default 127.0.0.1:5053)
-  -u, --upstream IP[:PORT]#NAME   a DNS-over-TLS resolver; repeatable; port defaults
+  -u, --upstream IP[:PORT]#NAME[@pin=BASE64]...
+                                  a DNS-over-TLS resolver; repeatable; port defaults
                                   to 853; NAME is the TLS authentication name (SNI
                                   and certificate check); IPv6 as
-                                  [2606:4700:4700::1111]:853#cloudflare-dns.com
+                                  [2606:4700:4700::1111]:853#cloudflare-dns.com;
+                                  @pin= adds an SPKI SHA-256 pin (RFC 7858 §4.2,
+                                  repeatable): with a NAME both must match, without
+                                  one (IP[:PORT]@pin=...) the pin alone authenticates
                                   (default 1.1.1.1#cloudflare-dns.com and
                                   1.0.0.1#cloudflare-dns.com)
       --ca-file PATH              trust the PEM CA certificates in PATH instead of
@@ -58,13 +62,52 @@ pub const DEFAULT_UPSTREAMS: [&str; 2] = ["1.1.1.1#cloudflare-dns.com", "1.0.0.1
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// The authentication name (SNI and certificate check); an IP address
+    /// when only pins authenticate the server.
     pub name: ServerName<'static>,
+    /// SHA-256 digests of acceptable SubjectPublicKeyInfo (RFC 7858 §4.2).
+    pub pins: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}#{}", self.addr, self.name.to_str())
+        match &self.name {
+            ServerName::DnsName(n) => write!(f, "{}#{}", self.addr, n.as_ref())?,
+            _ => write!(f, "{}", self.addr)?,
+        }
+        if !self.pins.is_empty() {
+            write!(
+                f,
+                " ({} pin{})",
+                self.pins.len(),
+                if self.pins.len() > 1 { "s" } else { "" }
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// Standard base64 (RFC 4648 §4), padding optional.
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
 }
 
 #[derive(Debug, Clone)]
@@ -167,13 +210,36 @@ pub enum Exit {
 }
 
 impl Upstream {
-    /// Parse `IP[:PORT]#NAME`. A resolver without a name cannot be
-    /// authenticated (RFC 8310 §8), so the name is required.
+    /// Parse `IP[:PORT][#NAME][@pin=BASE64]...`. A resolver must be
+    /// authenticated (RFC 8310): by a name, by SPKI pins, or both (then
+    /// both must hold).
     pub fn parse(spec: &str) -> Result<Upstream, String> {
-        let (addr, name) = spec
-            .split_once('#')
-            .ok_or_else(|| format!("upstream {spec:?} has no #NAME: the TLS authentication name is required (e.g. 1.1.1.1#cloudflare-dns.com)"))?;
+        let mut parts = spec.split('@');
+        let head = parts.next().unwrap_or_default();
+        let mut pins = Vec::new();
+        for p in parts {
+            let b64 = p
+                .strip_prefix("pin=")
+                .or_else(|| p.strip_prefix("pin-sha256="))
+                .ok_or_else(|| format!("upstream {spec:?}: expected @pin=BASE64, found @{p}"))?;
+            let pin = base64_decode(b64)
+                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                .ok_or_else(|| format!("upstream {spec:?}: pin {b64:?} is not a base64 SHA-256 digest"))?;
+            pins.push(pin);
+        }
+        let (addr, name) = match head.split_once('#') {
+            Some((a, n)) => (a, Some(n)),
+            None if !pins.is_empty() => (head, None),
+            None => return Err(format!("upstream {spec:?} has no #NAME: the TLS authentication name is required (e.g. 1.1.1.1#cloudflare-dns.com), or a @pin=")),
+        };
         let addr = parse_addr(addr, 853).map_err(|e| format!("upstream {spec:?}: {e}"))?;
+        let Some(name) = name else {
+            return Ok(Upstream {
+                addr,
+                name: ServerName::IpAddress(addr.ip().into()),
+                pins,
+            });
+        };
         if addr.port() == 53 {
             // RFC 7858 §3.1: DNS over TLS must not use port 53.
             return Err(format!(
@@ -184,7 +250,7 @@ impl Upstream {
             .ok()
             .filter(|n| matches!(n, ServerName::DnsName(_)))
             .ok_or_else(|| format!("upstream {spec:?}: {name:?} is not a valid DNS name"))?;
-        Ok(Upstream { addr, name })
+        Ok(Upstream { addr, name, pins })
     }
 }
 
@@ -351,6 +417,15 @@ mod tests {
         assert!(Upstream::parse("1.1.1.1:53#x.test").is_err());
         assert!(Upstream::parse("1.1.1.1#").is_err());
         assert!(Upstream::parse("host.test#x.test").is_err());
+        let pin = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+        let u = Upstream::parse(&format!("127.0.0.1:8853@pin={pin}")).unwrap();
+        assert_eq!(u.pins.len(), 1);
+        assert!(matches!(u.name, ServerName::IpAddress(_)));
+        let u = Upstream::parse(&format!("127.0.0.1#dns.test@pin={pin}@pin-sha256={pin}")).unwrap();
+        assert_eq!(u.pins.len(), 2);
+        assert!(Upstream::parse("127.0.0.1#dns.test@pin=abc").is_err());
+        assert!(Upstream::parse("127.0.0.1#dns.test@foo=abc").is_err());
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
     }
 
     #[test]

@@ -118,6 +118,8 @@ struct UdpListener {
 
 struct Upstream {
     cfg: UpstreamConfig,
+    /// Shared by all upstreams, or this upstream's own when it has pins.
+    tls: Arc<rustls::ClientConfig>,
     label: String,
     conns: Vec<usize>,
     failures: u32,
@@ -201,7 +203,6 @@ pub struct Stats {
 pub struct Proxy {
     poll: Poll,
     timeout: Duration,
-    tls: Arc<rustls::ClientConfig>,
     udp: Vec<UdpListener>,
     tcp: Vec<Option<TcpListener>>,
     clients: Slab<Client>,
@@ -308,22 +309,26 @@ impl Proxy {
             });
             tcp.push(Some(t));
         }
-        let upstreams = cfg
-            .upstreams
-            .iter()
-            .map(|u| {
-                info!("upstream {u}");
-                Upstream {
-                    cfg: u.clone(),
-                    label: u.to_string(),
-                    conns: Vec::new(),
-                    failures: 0,
-                    down_until: None,
-                    down: false,
-                    stats: UpstreamStats::default(),
-                }
-            })
-            .collect();
+        let mut upstreams = Vec::new();
+        for u in &cfg.upstreams {
+            info!("upstream {u}");
+            let own = if u.pins.is_empty() {
+                Arc::clone(&tls)
+            } else {
+                let named = matches!(u.name, rustls::pki_types::ServerName::DnsName(_));
+                crate::tls::pinned_config(&tls, cfg.ca_file.as_deref(), &u.pins, named)?
+            };
+            upstreams.push(Upstream {
+                cfg: u.clone(),
+                tls: own,
+                label: u.to_string(),
+                conns: Vec::new(),
+                failures: 0,
+                down_until: None,
+                down: false,
+                stats: UpstreamStats::default(),
+            });
+        }
         let metrics = match cfg.metrics {
             None => None,
             Some(addr) => {
@@ -346,7 +351,6 @@ impl Proxy {
         Ok(Proxy {
             poll,
             timeout: cfg.timeout,
-            tls,
             udp,
             tcp,
             clients: Slab::new(),
@@ -885,13 +889,14 @@ impl Proxy {
         let gen = self.gen();
         self.upstreams[u].stats.connects += 1;
         let cfg = &self.upstreams[u].cfg;
-        let mut conn = match UpstreamConn::connect(u, gen, cfg.addr, &cfg.name, &self.tls, UPSTREAM_IDLE, now) {
-            Ok(c) => c,
-            Err(reason) => {
-                self.upstream_failed(u, &reason, now);
-                return None;
-            }
-        };
+        let mut conn =
+            match UpstreamConn::connect(u, gen, cfg.addr, &cfg.name, &self.upstreams[u].tls, UPSTREAM_IDLE, now) {
+                Ok(c) => c,
+                Err(reason) => {
+                    self.upstream_failed(u, &reason, now);
+                    return None;
+                }
+            };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.poll.registry().register(

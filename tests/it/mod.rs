@@ -4,6 +4,7 @@
 mod basic;
 mod cli;
 mod failures;
+mod features;
 mod harness;
 mod malformed;
 mod pipelining;

@@ -1,0 +1,155 @@
+//! Features beyond plain forwarding: SPKI pinning, TLS session resumption,
+//! padding of queries on the wire, edns-tcp-keepalive handling.
+
+use crate::it::basic::assert_default_answer;
+use crate::util::dns::{Message, RCODE_SERVFAIL};
+use crate::util::{deadline_ms, query, udp_exchange, CloseKind, Leaf, Script, TestCa, TestProxy, TestUpstream, NAME};
+
+/// The RFC 7469 pin of a leaf: base64(SHA-256(SubjectPublicKeyInfo)),
+/// computed from the key independently of the proxy's own code.
+fn pin_of(leaf: &Leaf) -> String {
+    let key = rcgen::KeyPair::try_from(leaf.key_der.as_slice()).expect("leaf key");
+    let digest = ring::digest::digest(&ring::digest::SHA256, &key.public_key_der());
+    base64(digest.as_ref())
+}
+
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn pinned_proxy(ca: &TestCa, up: &TestUpstream, spec: &str) -> TestProxy {
+    let upstream = format!("{}{spec}", up.addr());
+    TestProxy::start(&[
+        "--upstream",
+        &upstream,
+        "--ca-file",
+        ca.pem_path_str(),
+        "--timeout",
+        "2000",
+    ])
+}
+
+fn ask(proxy: &TestProxy, id: u16, name: &str) -> Vec<u8> {
+    udp_exchange(proxy.udp_addr(), &query(id, name), deadline_ms(5000)).expect("an answer")
+}
+
+fn rcode(r: &[u8]) -> u8 {
+    Message::must(r).rcode
+}
+
+/// The EDNS options of a message's OPT record, as (code, data).
+fn options(m: &Message) -> Vec<(u16, Vec<u8>)> {
+    let opt = m.additional.iter().find(|r| r.rtype == 41).expect("an OPT record");
+    let mut out = Vec::new();
+    let mut rest = opt.rdata.as_slice();
+    while rest.len() >= 4 {
+        let code = u16::from_be_bytes([rest[0], rest[1]]);
+        let len = u16::from_be_bytes([rest[2], rest[3]]) as usize;
+        out.push((code, rest[4..4 + len].to_vec()));
+        rest = &rest[4 + len..];
+    }
+    assert!(rest.is_empty(), "options run past the OPT record");
+    out
+}
+
+#[test]
+fn pin_with_name_both_must_match() {
+    let ca = TestCa::new();
+    let leaf = ca.leaf(&[NAME]);
+    let up = TestUpstream::start(leaf.server_config(), Script::default());
+    let good = pinned_proxy(&ca, &up, &format!("#{NAME}@pin={}", pin_of(&leaf)));
+    assert_default_answer(&ask(&good, 1, "pin.example"), 1, "pin.example");
+
+    let other = Leaf::self_signed(&["x.test"]);
+    let wrong = pinned_proxy(&ca, &up, &format!("#{NAME}@pin={}", pin_of(&other)));
+    assert_eq!(rcode(&ask(&wrong, 2, "pin2.example")), RCODE_SERVFAIL);
+    assert!(
+        wrong.wait_for_log("SPKI pin", deadline_ms(2000)),
+        "{}",
+        wrong.log_text()
+    );
+
+    // Right pin but the certificate does not carry the configured name.
+    let named_wrong = pinned_proxy(&ca, &up, &format!("#other.test@pin={}", pin_of(&leaf)));
+    assert_eq!(rcode(&ask(&named_wrong, 3, "pin3.example")), RCODE_SERVFAIL);
+}
+
+#[test]
+fn pin_alone_authenticates_a_self_signed_server() {
+    let ca = TestCa::new();
+    let leaf = Leaf::self_signed(&["anything.test"]);
+    let up = TestUpstream::start(leaf.server_config(), Script::default());
+    let proxy = pinned_proxy(&ca, &up, &format!("@pin={}", pin_of(&leaf)));
+    assert_default_answer(&ask(&proxy, 7, "self.example"), 7, "self.example");
+    // Without the pin the same server is refused.
+    let plain = pinned_proxy(&ca, &up, "#anything.test");
+    assert_eq!(rcode(&ask(&plain, 8, "self2.example")), RCODE_SERVFAIL);
+}
+
+#[test]
+fn reconnects_resume_the_tls_session() {
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::close_after(1, CloseKind::CloseNotify));
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &[]);
+    for i in 0..4u16 {
+        let name = format!("r{i}.example");
+        assert_default_answer(&ask(&proxy, i, &name), i, &name);
+    }
+    // The server closing a used connection is normal, not an outage.
+    assert_eq!(proxy.count_log("down"), 0, "{}", proxy.log_text());
+    assert!(up.handshakes() >= 4, "handshakes {}", up.handshakes());
+    assert!(
+        up.resumed_handshakes() >= 3,
+        "resumed {} of {}",
+        up.resumed_handshakes(),
+        up.handshakes()
+    );
+}
+
+/// What the upstream sees: every query padded to a multiple of 128 bytes,
+/// with exactly one padding option and an empty keepalive option.
+#[test]
+fn queries_are_padded_on_the_wire() {
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::default());
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &[]);
+    let long = format!("{}.example", "l".repeat(60));
+    for (i, name) in ["a.example", "www.example.com", long.as_str()].iter().enumerate() {
+        let r = ask(&proxy, i as u16, name);
+        assert!(Message::must(&r).opt.is_none(), "client sent no OPT, got one back");
+        assert_default_answer(&r, i as u16, name);
+    }
+    let q = crate::util::query_edns(9, "edns.example", 1232);
+    let r = udp_exchange(proxy.udp_addr(), &q, deadline_ms(5000)).expect("answer");
+    assert!(Message::must(&r).opt.is_some(), "EDNS client lost its OPT");
+    let seen = up.queries();
+    assert_eq!(seen.len(), 4);
+    for q in &seen {
+        assert_eq!(q.bytes.len() % 128, 0, "query of {} bytes", q.bytes.len());
+        let opts = options(&Message::must(&q.bytes));
+        let codes: Vec<u16> = opts.iter().map(|o| o.0).collect();
+        assert_eq!(codes.iter().filter(|&&c| c == 12).count(), 1, "{codes:?}");
+        assert!(opts.iter().any(|o| o.0 == 11 && o.1.is_empty()), "{codes:?}");
+    }
+    // Padding off: the query goes as the client sent it.
+    let up2 = TestUpstream::for_name(&ca, NAME, Script::default());
+    let p2 = TestProxy::for_upstream(&ca, &up2, NAME, 2000, &["--padding", "0"]);
+    let q = query(5, "plain.example");
+    udp_exchange(p2.udp_addr(), &q, deadline_ms(5000)).expect("answer");
+    let seen = up2.queries();
+    assert_eq!(seen[0].bytes.len(), q.len());
+    assert_eq!(&seen[0].bytes[2..], &q[2..]);
+}
