@@ -32,7 +32,11 @@ OPTIONS:
                                   included (default 2500)
       --log-level LEVEL           error|warn|info|debug|trace (default info, or
                                   RUST_LOG when set)
-      --allow CIDR                clients allowed to query; repeatable; replaces the
+      --forward ZONE=UPSTREAM     send names at or under ZONE to UPSTREAM (same form
+                                  as --upstream, plus @ca=PATH for its own CA);
+                                  repeatable, several per zone allowed; the longest
+                                  matching zone wins, other names go to --upstream
+      --allow CIDR                 clients allowed to query; repeatable; replaces the
                                   default (loopback, 10/8, 172.16/12, 192.168/16,
                                   100.64/10, fc00::/7, fe80::/10); UDP queries from
                                   elsewhere are dropped, TCP connections closed
@@ -67,6 +71,8 @@ pub struct Upstream {
     pub name: ServerName<'static>,
     /// SHA-256 digests of acceptable SubjectPublicKeyInfo (RFC 7858 §4.2).
     pub pins: Vec<[u8; 32]>,
+    /// This upstream's own CA file (`@ca=PATH`), e.g. a corporate resolver.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Display for Upstream {
@@ -114,6 +120,8 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
 pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub upstreams: Vec<Upstream>,
+    /// Split forwarding: names at or under the zone go to these upstreams.
+    pub forwards: Vec<(String, Upstream)>,
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
     pub log_level: log::LevelFilter,
@@ -217,11 +225,20 @@ impl Upstream {
         let mut parts = spec.split('@');
         let head = parts.next().unwrap_or_default();
         let mut pins = Vec::new();
+        let mut ca_file = None;
         for p in parts {
+            if let Some(path) = p.strip_prefix("ca=") {
+                let path = PathBuf::from(path);
+                if !path.is_file() {
+                    return Err(format!("upstream {spec:?}: CA file {} not found", path.display()));
+                }
+                ca_file = Some(path);
+                continue;
+            }
             let b64 = p
                 .strip_prefix("pin=")
                 .or_else(|| p.strip_prefix("pin-sha256="))
-                .ok_or_else(|| format!("upstream {spec:?}: expected @pin=BASE64, found @{p}"))?;
+                .ok_or_else(|| format!("upstream {spec:?}: expected @pin=BASE64 or @ca=PATH, found @{p}"))?;
             let pin = base64_decode(b64)
                 .and_then(|v| <[u8; 32]>::try_from(v).ok())
                 .ok_or_else(|| format!("upstream {spec:?}: pin {b64:?} is not a base64 SHA-256 digest"))?;
@@ -238,6 +255,7 @@ impl Upstream {
                 addr,
                 name: ServerName::IpAddress(addr.ip().into()),
                 pins,
+                ca_file,
             });
         };
         if addr.port() == 53 {
@@ -250,7 +268,12 @@ impl Upstream {
             .ok()
             .filter(|n| matches!(n, ServerName::DnsName(_)))
             .ok_or_else(|| format!("upstream {spec:?}: {name:?} is not a valid DNS name"))?;
-        Ok(Upstream { addr, name, pins })
+        Ok(Upstream {
+            addr,
+            name,
+            pins,
+            ca_file,
+        })
     }
 }
 
@@ -280,6 +303,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let usage = |e: pico_args::Error| Exit::Usage(e.to_string());
     let listen: Vec<String> = p.values_from_str(["-l", "--listen"]).map_err(usage)?;
     let upstreams: Vec<String> = p.values_from_str(["-u", "--upstream"]).map_err(usage)?;
+    let forwards: Vec<String> = p.values_from_str("--forward").map_err(usage)?;
     let ca_file: Option<PathBuf> = p
         .opt_value_from_os_str("--ca-file", |s| Ok::<_, String>(PathBuf::from(s)))
         .map_err(usage)?;
@@ -361,6 +385,20 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
             return Err(Exit::Usage(format!("--ca-file {}: no such file", path.display())));
         }
     }
+    let forwards = forwards
+        .iter()
+        .map(|f| {
+            let (zone, up) = f
+                .split_once('=')
+                .ok_or_else(|| Exit::Usage(format!("--forward {f:?}: expected ZONE=UPSTREAM")))?;
+            let zone = zone.trim_end_matches('.').to_ascii_lowercase();
+            let valid = zone.split('.').all(|l| !l.is_empty() && l.len() <= 63) && zone.len() <= 253;
+            if !valid {
+                return Err(Exit::Usage(format!("--forward {f:?}: {zone:?} is not a zone name")));
+            }
+            Ok((zone, Upstream::parse(up).map_err(Exit::Usage)?))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let allow = if allow.is_empty() {
         DEFAULT_ALLOW.iter().map(|s| s.to_string()).collect()
     } else {
@@ -385,6 +423,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     Ok(Config {
         listen,
         upstreams,
+        forwards,
         ca_file,
         timeout,
         log_level,
@@ -426,6 +465,11 @@ mod tests {
         assert!(Upstream::parse("127.0.0.1#dns.test@pin=abc").is_err());
         assert!(Upstream::parse("127.0.0.1#dns.test@foo=abc").is_err());
         assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        let c = parse(args(&["--forward", "Corp.Example.=10.0.0.53#dns.corp.example"])).unwrap();
+        assert_eq!(c.forwards[0].0, "corp.example");
+        assert!(parse(args(&["--forward", "corp.example"])).is_err());
+        assert!(parse(args(&["--forward", "a..b=10.0.0.53#x.test"])).is_err());
+        assert!(Upstream::parse("127.0.0.1#x.test@ca=/nonexistent").is_err());
     }
 
     #[test]

@@ -552,6 +552,21 @@ pub fn build_truncated(out: &mut Vec<u8>, query: &[u8], info: &QueryInfo, answer
     }
 }
 
+/// Whether `name` is `zone` or under it; both canonical wire form.
+pub fn in_zone(name: &[u8], zone: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(rest) = name.get(at..) {
+        if rest == zone {
+            return true;
+        }
+        match rest.first() {
+            Some(&len) if len > 0 => at += 1 + len as usize,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Walk the options of an OPT record's RDATA: `(code, data)` pairs.
 /// `Err` when an option runs past the record.
 fn options(rdata: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), WireError>> {
@@ -921,6 +936,21 @@ mod tests {
         bad[n - 6] = 9; // option length past the record
         let w = walk(&bad).unwrap();
         assert!(strip_answer(&mut bad, &w, true).is_err());
+    }
+
+    #[test]
+    fn zones_match_on_label_boundaries() {
+        let (n, _) = read_name(&query(1, "WWW.Corp.Example", 1, None), 12, false).unwrap();
+        let zone = |z: &str| {
+            let q = query(1, z, 1, None);
+            read_name(&q, 12, false).unwrap().0.as_bytes().to_vec()
+        };
+        assert!(in_zone(n.as_bytes(), &zone("corp.example")));
+        assert!(in_zone(n.as_bytes(), &zone("www.corp.example")));
+        assert!(in_zone(n.as_bytes(), &zone("example")));
+        assert!(in_zone(n.as_bytes(), &[0]));
+        assert!(!in_zone(n.as_bytes(), &zone("orp.example")));
+        assert!(!in_zone(n.as_bytes(), &zone("other.example")));
     }
 
     #[test]

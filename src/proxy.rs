@@ -88,6 +88,8 @@ struct Sent {
 
 struct Pending {
     gen: u32,
+    /// The upstream group that serves its name.
+    group: usize,
     origin: Origin,
     /// The client's address, for the per-address in-flight count.
     ip: IpAddr,
@@ -118,6 +120,10 @@ struct UdpListener {
 
 struct Upstream {
     cfg: UpstreamConfig,
+    /// Which names it serves: 0 for the default upstreams, else a zone.
+    group: usize,
+    /// Smoothed answer latency in seconds, learned from real traffic.
+    srtt: Option<f64>,
     /// Shared by all upstreams, or this upstream's own when it has pins.
     tls: Arc<rustls::ClientConfig>,
     label: String,
@@ -172,6 +178,13 @@ fn rcode_name(rc: usize) -> &'static str {
 }
 
 impl Upstream {
+    /// Learn from one answer (or, with the deadline, one timeout).
+    fn observe(&mut self, d: Duration) {
+        self.stats.observe(d);
+        let sample = d.as_secs_f64();
+        self.srtt = Some(self.srtt.map_or(sample, |s| 0.8 * s + 0.2 * sample));
+    }
+
     fn usable(&self, now: Instant) -> bool {
         self.down_until.is_none_or(|t| t <= now)
     }
@@ -234,7 +247,20 @@ pub struct Proxy {
     metrics: Option<TcpListener>,
     http: Slab<HttpConn>,
     padding: u16,
+    /// Split-forwarding zones, lower-case wire form, with their group.
+    zones: Vec<(Vec<u8>, usize)>,
     pub stats: Stats,
+}
+
+/// `corp.example` → lower-case wire form.
+fn zone_wire(zone: &str) -> Vec<u8> {
+    let mut w = Vec::new();
+    for label in zone.split('.').filter(|l| !l.is_empty()) {
+        w.push(label.len() as u8);
+        w.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
+    }
+    w.push(0);
+    w
 }
 
 fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
@@ -309,16 +335,30 @@ impl Proxy {
             });
             tcp.push(Some(t));
         }
-        let mut upstreams = Vec::new();
-        for u in &cfg.upstreams {
-            info!("upstream {u}");
-            let own = if u.pins.is_empty() {
-                Arc::clone(&tls)
-            } else {
-                let named = matches!(u.name, rustls::pki_types::ServerName::DnsName(_));
-                crate::tls::pinned_config(&tls, cfg.ca_file.as_deref(), &u.pins, named)?
+        // Group 0 is the default upstreams; each --forward zone has its own.
+        let mut zones: Vec<(Vec<u8>, usize)> = Vec::new();
+        let mut members: Vec<(usize, &UpstreamConfig)> = cfg.upstreams.iter().map(|u| (0, u)).collect();
+        for (zone, u) in &cfg.forwards {
+            let wire = zone_wire(zone);
+            let group = match zones.iter().find(|(z, _)| *z == wire) {
+                Some(&(_, g)) => g,
+                None => {
+                    zones.push((wire, zones.len() + 1));
+                    zones.len()
+                }
             };
+            members.push((group, u));
+        }
+        let mut upstreams = Vec::new();
+        for (group, u) in members {
+            match cfg.forwards.iter().find(|(_, f)| std::ptr::eq(f, u)) {
+                Some((zone, _)) => info!("upstream {u} for {zone}"),
+                None => info!("upstream {u}"),
+            }
+            let own = crate::tls::for_upstream(&tls, cfg.ca_file.as_deref(), u)?;
             upstreams.push(Upstream {
+                group,
+                srtt: None,
                 cfg: u.clone(),
                 tls: own,
                 label: u.to_string(),
@@ -379,6 +419,7 @@ impl Proxy {
             metrics,
             http: Slab::new(),
             padding: cfg.padding,
+            zones,
             stats: Stats::default(),
         })
     }
@@ -758,8 +799,10 @@ impl Proxy {
                     }
                 }
                 let gen = self.gen();
+                let group = self.group_of(&msg);
                 let key = self.queries.insert(Pending {
                     gen,
+                    group,
                     origin,
                     ip,
                     info,
@@ -803,13 +846,11 @@ impl Proxy {
     /// Send query `key` on the best connection, or fail it at once when no
     /// upstream can take it (all in back-off: fail fast, RFC 7858 §3.1).
     fn dispatch(&mut self, key: usize, now: Instant) {
-        let Some(p) = self.queries.get(key) else {
-            return;
-        };
-        let avoid = p.upstream;
+        let Some(p) = self.queries.get(key) else { return };
+        let (avoid, group) = (p.upstream, p.group);
         // Each round either sends or marks one upstream down, so this ends.
         for _ in 0..=self.upstreams.len() {
-            let Some(u) = self.choose_upstream(now, avoid) else {
+            let Some(u) = self.choose_upstream(now, avoid, group) else {
                 break;
             };
             let Some(ck) = self.choose_conn(u, now) else {
@@ -846,22 +887,54 @@ impl Proxy {
         self.fail(key, rcode::SERVFAIL, Some((ede::NETWORK_ERROR, "upstream unreachable")));
     }
 
-    /// The usable upstream with the fewest queries outstanding; `avoid`
-    /// (the one a re-sent query failed on) only when nothing else is left.
-    fn choose_upstream(&self, now: Instant, avoid: Option<usize>) -> Option<usize> {
-        let load = |u: &Upstream| -> usize {
-            u.conns
-                .iter()
-                .filter_map(|&c| self.conns.get(c))
-                .map(|c| c.ids.live())
-                .sum()
-        };
-        self.upstreams
+    /// The usable upstream of `group` with the least expected wait:
+    /// queries outstanding times smoothed latency, so a slow or loaded
+    /// resolver gets less. `avoid` (the one a re-sent query failed on) only
+    /// when nothing else is left; upstreams in back-off never.
+    fn choose_upstream(&mut self, now: Instant, avoid: Option<usize>, group: usize) -> Option<usize> {
+        // An upstream without samples yet scores as the fastest, so it is
+        // tried at once rather than starved.
+        let chosen = self
+            .upstreams
             .iter()
             .enumerate()
-            .filter(|(_, u)| u.usable(now))
-            .min_by_key(|(i, u)| (Some(*i) == avoid, load(u), *i))
-            .map(|(i, _)| i)
+            .filter(|(_, u)| u.group == group && u.usable(now))
+            .map(|(i, u)| {
+                let score = (self.upstream_inflight(u) + 1) as f64 * u.srtt.unwrap_or(0.0).max(0.0001);
+                (Some(i) == avoid, score, i)
+            })
+            .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)))
+            .map(|(_, _, i)| i)?;
+        // What is not measured is forgotten slowly: the others' latency
+        // decays, so a resolver that was slow gets a fresh sample now and
+        // then (about one query in a few hundred) instead of never again.
+        for (i, u) in self.upstreams.iter_mut().enumerate() {
+            if i != chosen && u.group == group {
+                if let Some(s) = &mut u.srtt {
+                    *s *= 0.98;
+                }
+            }
+        }
+        Some(chosen)
+    }
+
+    /// The upstream group for a query: the longest --forward zone that
+    /// contains its name, else the default upstreams.
+    fn group_of(&self, msg: &[u8]) -> usize {
+        if self.zones.is_empty() {
+            return 0;
+        }
+        let Ok((name, _)) = dns::read_name(msg, dns::HEADER_LEN, false) else {
+            return 0;
+        };
+        let name = name.as_bytes();
+        let mut best: Option<(usize, usize)> = None;
+        for (zone, group) in &self.zones {
+            if dns::in_zone(name, zone) && best.is_none_or(|(len, _)| zone.len() > len) {
+                best = Some((zone.len(), *group));
+            }
+        }
+        best.map_or(0, |(_, g)| g)
     }
 
     /// A connection of upstream `u` with room, opening one when all are
@@ -1044,7 +1117,7 @@ impl Proxy {
                 let Some(p) = self.queries.get(key) else { return };
                 dns::set_id(&mut self.frame, p.info.id);
                 if let (Some(sent), Some(u)) = (p.sent, p.upstream) {
-                    self.upstreams[u].stats.observe(now.saturating_duration_since(sent.at));
+                    self.upstreams[u].observe(now.saturating_duration_since(sent.at));
                 }
                 if let Some(c) = self.conns.get_mut(conn) {
                     c.last_answer = Some(now);
@@ -1244,9 +1317,12 @@ impl Proxy {
 
     fn time_out(&mut self, key: usize, now: Instant) {
         self.stats.timeouts += 1;
-        let Some(p) = self.queries.get(key) else {
-            return;
-        };
+        let Some(p) = self.queries.get(key) else { return };
+        if let Some(u) = p.upstream {
+            // A timeout is the worst latency there is: steer traffic away.
+            let srtt = self.upstreams[u].srtt.unwrap_or(0.0);
+            self.upstreams[u].srtt = Some(0.8 * srtt + 0.2 * self.timeout.as_secs_f64());
+        }
         let q = QueryRef {
             key: key as u32,
             gen: p.gen,

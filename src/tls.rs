@@ -143,3 +143,21 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+/// The configuration one upstream uses: the shared one, unless it has its
+/// own CA file or pins.
+pub fn for_upstream(
+    shared: &Arc<ClientConfig>,
+    default_ca: Option<&Path>,
+    u: &crate::config::Upstream,
+) -> Result<Arc<ClientConfig>, String> {
+    let ca = u.ca_file.as_deref().or(default_ca);
+    if !u.pins.is_empty() {
+        let named = matches!(u.name, rustls::pki_types::ServerName::DnsName(_));
+        return pinned_config(shared, ca, &u.pins, named);
+    }
+    match &u.ca_file {
+        Some(path) => client_config(Some(path)),
+        None => Ok(Arc::clone(shared)),
+    }
+}

@@ -1,6 +1,8 @@
 //! Features beyond plain forwarding: SPKI pinning, TLS session resumption,
 //! padding of queries on the wire, edns-tcp-keepalive handling.
 
+use std::time::Duration;
+
 use crate::it::basic::assert_default_answer;
 use crate::util::dns::{Message, RCODE_SERVFAIL};
 use crate::util::{deadline_ms, query, udp_exchange, CloseKind, Leaf, Script, TestCa, TestProxy, TestUpstream, NAME};
@@ -152,4 +154,77 @@ fn queries_are_padded_on_the_wire() {
     let seen = up2.queries();
     assert_eq!(seen[0].bytes.len(), q.len());
     assert_eq!(&seen[0].bytes[2..], &q[2..]);
+}
+
+#[test]
+fn split_forwarding_longest_zone_wins() {
+    let ca = TestCa::new();
+    let public = TestUpstream::for_name(&ca, NAME, Script::default());
+    let corp = TestUpstream::for_name(&ca, NAME, Script::default());
+    let lab = TestUpstream::for_name(&ca, NAME, Script::default());
+    let (p, c, l) = (public.arg(NAME), corp.arg(NAME), lab.arg(NAME));
+    let corp_fwd = format!("corp.example={c}");
+    let lab_fwd = format!("lab.corp.example={l}@ca={}", ca.pem_path_str());
+    let proxy = TestProxy::start(&[
+        "--upstream",
+        &p,
+        "--forward",
+        &corp_fwd,
+        "--forward",
+        &lab_fwd,
+        "--ca-file",
+        ca.pem_path_str(),
+        "--timeout",
+        "2000",
+    ]);
+    for (i, name) in [
+        "www.example.com",
+        "a.Corp.Example",
+        "x.y.lab.corp.example",
+        "corp.example.net",
+        "lab.corp.example",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let m = Message::must(&ask(&proxy, i as u16, name));
+        assert_eq!((m.id, m.rcode, m.ancount), (i as u16, 0, 1), "{name}");
+    }
+    let names = |u: &TestUpstream| -> Vec<String> {
+        u.queries()
+            .iter()
+            .map(|q| Message::must(&q.bytes).question.unwrap().name.to_lowercase())
+            .collect()
+    };
+    assert_eq!(names(&public), ["www.example.com", "corp.example.net"]);
+    assert_eq!(names(&corp), ["a.corp.example"]);
+    assert_eq!(names(&lab), ["x.y.lab.corp.example", "lab.corp.example"]);
+}
+
+/// Health learned from traffic: a resolver that answers slowly gets
+/// fewer queries than a fast one; neither is starved of all traffic.
+#[test]
+fn slower_upstream_gets_less_traffic() {
+    let ca = TestCa::new();
+    let fast = TestUpstream::for_name(&ca, NAME, Script::default());
+    let slow = TestUpstream::for_name(&ca, NAME, Script::delayed(Duration::from_millis(60)));
+    let (f, s) = (fast.arg(NAME), slow.arg(NAME));
+    let proxy = TestProxy::start(&[
+        "--upstream",
+        &s,
+        "--upstream",
+        &f,
+        "--ca-file",
+        ca.pem_path_str(),
+        "--timeout",
+        "2000",
+    ]);
+    for i in 0..60u16 {
+        let name = format!("h{i}.example");
+        assert_default_answer(&ask(&proxy, i, &name), i, &name);
+    }
+    let (nf, ns) = (fast.query_count(), slow.query_count());
+    assert_eq!(nf + ns, 60);
+    assert!(ns >= 1, "the slow upstream was never tried");
+    assert!(nf >= 4 * ns, "fast {nf}, slow {ns}");
 }
