@@ -43,7 +43,10 @@ OPTIONS:
       --metrics ADDR:PORT         serve Prometheus /metrics and /healthz over HTTP
       --padding BLOCK             pad queries sent upstream to a multiple of BLOCK
                                   bytes (RFC 8467; default 128, 0 = off)
-      --max-inflight N            queries in flight in total (default 10000);
+      --cache-size N              cache up to N answers (TTL-aged, RFC 2308 negative
+                                  caching) and merge identical queries in flight;
+                                  default 0 = off
+      --max-inflight N             queries in flight in total (default 10000);
                                   beyond it new queries get REFUSED
       --max-inflight-per-ip N     queries in flight per client address (default
                                   1000); beyond it REFUSED
@@ -129,6 +132,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     pub padding: u16,
     pub limits: Limits,
+    /// Answers kept in the cache; 0 turns caching (and merging) off.
+    pub cache_size: usize,
 }
 
 /// The bounds on what clients can make the proxy hold.
@@ -312,6 +317,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let allow: Vec<String> = p.values_from_str("--allow").map_err(usage)?;
     let metrics: Option<String> = p.opt_value_from_str("--metrics").map_err(usage)?;
     let padding: Option<u16> = p.opt_value_from_str("--padding").map_err(usage)?;
+    let cache_size: Option<usize> = p.opt_value_from_str("--cache-size").map_err(usage)?;
     let mut limits = Limits::default();
     let number = |p: &mut pico_args::Arguments, name: &'static str, min: u64, max: u64| -> Result<Option<u64>, Exit> {
         match p
@@ -431,6 +437,10 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         metrics,
         padding,
         limits,
+        cache_size: match cache_size {
+            Some(n) if n > 10_000_000 => return Err(Exit::Usage(format!("--cache-size {n}: at most 10000000"))),
+            n => n.unwrap_or(0),
+        },
     })
 }
 

@@ -552,6 +552,64 @@ pub fn build_truncated(out: &mut Vec<u8>, query: &[u8], info: &QueryInfo, answer
     }
 }
 
+const TYPE_SOA: u16 = 6;
+/// Longest time an answer is cached, whatever its TTL says.
+const MAX_CACHE_TTL: u32 = 86_400;
+
+/// How long an answer may be cached, and where its TTL fields are (to age
+/// them on the way out). `None` for answers that must not be cached:
+/// truncated, SERVFAIL and other failures, or no TTL to go by.
+/// Positive answers live for the smallest TTL of the answer section;
+/// negative ones (NXDOMAIN, NODATA) for min(SOA TTL, SOA MINIMUM) of the
+/// authority section's SOA (RFC 2308 §5).
+pub fn cache_ttl(msg: &[u8], ttl_offsets: &mut Vec<u16>) -> Option<u32> {
+    ttl_offsets.clear();
+    let rc = rcode_of(msg);
+    if is_truncated(msg) || (rc != rcode::NOERROR && rc != rcode::NXDOMAIN) {
+        return None;
+    }
+    let w = walk(msg).ok()?;
+    if w.qdcount != 1 || w.opt.is_some_and(|o| o.ext_rcode != 0) {
+        return None;
+    }
+    let an = u16_at(msg, field::ANCOUNT)? as usize;
+    let ns = u16_at(msg, field::NSCOUNT)? as usize;
+    let ar = u16_at(msg, field::ARCOUNT)? as usize;
+    let mut at = w.question_end;
+    let (mut min_an, mut neg) = (None::<u32>, None::<u32>);
+    for i in 0..an + ns + ar {
+        let (_, end) = read_name(msg, at, true).ok()?;
+        let rtype = u16_at(msg, end)?;
+        let ttl = u32_at(msg, end + 4)?;
+        let rdlen = u16_at(msg, end + 8)? as usize;
+        if rtype != TYPE_OPT {
+            ttl_offsets.push(u16::try_from(end + 4).ok()?);
+        }
+        if i < an {
+            min_an = Some(min_an.map_or(ttl, |m| m.min(ttl)));
+        } else if i < an + ns && rtype == TYPE_SOA {
+            // MINIMUM is the last 4 bytes of the SOA RDATA.
+            let minimum = u32_at(msg, end + 10 + rdlen.checked_sub(4)?)?;
+            neg = Some(ttl.min(minimum));
+        }
+        at = end + 10 + rdlen;
+    }
+    let ttl = if an > 0 && rc == rcode::NOERROR { min_an? } else { neg? };
+    (ttl > 0).then_some(ttl.min(MAX_CACHE_TTL))
+}
+
+/// Subtract `elapsed` seconds from every TTL at `offsets`.
+pub fn age_ttls(msg: &mut [u8], offsets: &[u16], elapsed: u32) {
+    for &off in offsets {
+        let off = usize::from(off);
+        if let Some(ttl) = u32_at(msg, off) {
+            if let Some(b) = msg.get_mut(off..off + 4) {
+                b.copy_from_slice(&ttl.saturating_sub(elapsed).to_be_bytes());
+            }
+        }
+    }
+}
+
 /// Whether `name` is `zone` or under it; both canonical wire form.
 pub fn in_zone(name: &[u8], zone: &[u8]) -> bool {
     let mut at = 0;
@@ -936,6 +994,51 @@ mod tests {
         bad[n - 6] = 9; // option length past the record
         let w = walk(&bad).unwrap();
         assert!(strip_answer(&mut bad, &w, true).is_err());
+    }
+
+    fn answer_with(q: &[u8], an: &[(u16, u32, &[u8])], ns: &[(u16, u32, &[u8])]) -> Vec<u8> {
+        let mut m = q.to_vec();
+        m[2] |= 0x80;
+        m[6..8].copy_from_slice(&(an.len() as u16).to_be_bytes());
+        m[8..10].copy_from_slice(&(ns.len() as u16).to_be_bytes());
+        for (rtype, ttl, rdata) in an.iter().chain(ns) {
+            m.extend_from_slice(&[0xc0, 12]);
+            m.extend_from_slice(&rtype.to_be_bytes());
+            m.extend_from_slice(&[0, 1]);
+            m.extend_from_slice(&ttl.to_be_bytes());
+            m.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            m.extend_from_slice(rdata);
+        }
+        m
+    }
+
+    #[test]
+    fn cache_lifetimes() {
+        let q = query(1, "a.test", 1, None);
+        let mut offs = Vec::new();
+        let a = answer_with(&q, &[(1, 300, &[1, 2, 3, 4]), (1, 60, &[1, 2, 3, 5])], &[]);
+        assert_eq!(cache_ttl(&a, &mut offs), Some(60));
+        assert_eq!(offs.len(), 2);
+        let mut aged = a.clone();
+        age_ttls(&mut aged, &offs, 50);
+        assert_eq!(u32_at(&aged, offs[0] as usize), Some(250));
+        assert_eq!(u32_at(&aged, offs[1] as usize), Some(10));
+        let mut soa = vec![0u8; 2 + 20];
+        soa[..2].copy_from_slice(&[0xc0, 12]);
+        soa.extend_from_slice(&30u32.to_be_bytes()); // MINIMUM
+        let mut nx = answer_with(&q, &[], &[(TYPE_SOA, 900, &soa)]);
+        nx[3] |= rcode::NXDOMAIN;
+        assert_eq!(cache_ttl(&nx, &mut offs), Some(30));
+        let nodata = answer_with(&q, &[], &[]);
+        assert_eq!(cache_ttl(&nodata, &mut offs), None);
+        let mut fail = a.clone();
+        fail[3] = (fail[3] & 0xf0) | rcode::SERVFAIL;
+        assert_eq!(cache_ttl(&fail, &mut offs), None);
+        let mut tc = a.clone();
+        tc[2] |= 0x02;
+        assert_eq!(cache_ttl(&tc, &mut offs), None);
+        let zero = answer_with(&q, &[(1, 0, &[1, 2, 3, 4])], &[]);
+        assert_eq!(cache_ttl(&zero, &mut offs), None);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::cache::{self, Cache};
 use crate::client::{Client, ReadOutcome, MAX_BUFFERED_OUT};
 use crate::config::{Cidr, Config, Limits, Upstream as UpstreamConfig};
 use crate::dns::{self, ede, rcode, BadResponse, QueryInfo, Reject};
@@ -100,6 +101,10 @@ struct Pending {
     sent: Option<Sent>,
     /// The upstream of the last attempt, avoided on a re-send.
     upstream: Option<usize>,
+    /// With the cache on: the query's cache key, and the identical queries
+    /// that arrived while this one was in flight and wait for its answer.
+    cache_key: Option<Box<[u8]>>,
+    followers: Vec<(usize, u32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -207,6 +212,7 @@ pub struct Stats {
     pub mismatched: u64,
     pub udp_send_dropped: u64,
     pub refused_acl: u64,
+    pub merged: u64,
     pub refused_busy: u64,
     pub tcp_refused: u64,
     /// Answers sent to clients, by RCODE.
@@ -249,6 +255,10 @@ pub struct Proxy {
     padding: u16,
     /// Split-forwarding zones, lower-case wire form, with their group.
     zones: Vec<(Vec<u8>, usize)>,
+    cache: Option<Cache>,
+    /// Cache key → the query in flight for it (merging).
+    leaders: HashMap<Box<[u8]>, (usize, u32)>,
+    key_buf: Vec<u8>,
     pub stats: Stats,
 }
 
@@ -420,6 +430,9 @@ impl Proxy {
             http: Slab::new(),
             padding: cfg.padding,
             zones,
+            cache: (cfg.cache_size > 0).then(|| Cache::new(cfg.cache_size)),
+            leaders: HashMap::new(),
+            key_buf: Vec::new(),
             stats: Stats::default(),
         })
     }
@@ -758,6 +771,20 @@ impl Proxy {
                 self.put_buf(msg);
             }
             Ok(info) => {
+                let mut cache_key = None;
+                if let Some(cache) = &mut self.cache {
+                    if cache::key_of(&mut self.key_buf, &msg, &info).is_some() {
+                        let mut reply = std::mem::take(&mut self.reply);
+                        if cache.get(&self.key_buf, &msg, &info, now, &mut reply) {
+                            self.deliver(origin, &msg, Some(&info), &reply, false);
+                            self.reply = reply;
+                            self.put_buf(msg);
+                            return;
+                        }
+                        self.reply = reply;
+                        cache_key = Some(Box::<[u8]>::from(self.key_buf.as_slice()));
+                    }
+                }
                 // Rewritten once, re-sent as is: padding hides the query's
                 // size on the wire, keepalive asks for the server's timeout.
                 let mut msg = msg;
@@ -800,7 +827,13 @@ impl Proxy {
                 }
                 let gen = self.gen();
                 let group = self.group_of(&msg);
+                let leader = cache_key
+                    .as_ref()
+                    .and_then(|k| self.leaders.get(k).copied())
+                    .filter(|&(k, g)| self.queries.get(k).is_some_and(|p| p.gen == g));
                 let key = self.queries.insert(Pending {
+                    cache_key,
+                    followers: Vec::new(),
                     gen,
                     group,
                     origin,
@@ -812,7 +845,22 @@ impl Proxy {
                     upstream: None,
                 });
                 self.deadlines.push_back((now + self.timeout, key, gen));
-                self.dispatch(key, now);
+                match leader {
+                    // The same question is already on its way: wait for
+                    // that answer instead of asking again.
+                    Some((lk, _)) => {
+                        self.stats.merged += 1;
+                        if let Some(l) = self.queries.get_mut(lk) {
+                            l.followers.push((key, gen));
+                        }
+                    }
+                    None => {
+                        if let Some(k) = self.queries.get(key).and_then(|p| p.cache_key.clone()) {
+                            self.leaders.insert(k, (key, gen));
+                        }
+                        self.dispatch(key, now);
+                    }
+                }
             }
         }
     }
@@ -824,6 +872,11 @@ impl Proxy {
     /// Remove a finished query and release what it counted against.
     fn settle(&mut self, key: usize) -> Option<Pending> {
         let p = self.queries.try_remove(key)?;
+        if let Some(k) = &p.cache_key {
+            if self.leaders.get(k) == Some(&(key, p.gen)) {
+                self.leaders.remove(k);
+            }
+        }
         if let Some(n) = self.per_ip.get_mut(&p.ip) {
             *n -= 1;
             if *n == 0 {
@@ -1122,10 +1175,29 @@ impl Proxy {
                 if let Some(c) = self.conns.get_mut(conn) {
                     c.last_answer = Some(now);
                 }
-                let Some(p) = self.settle(key) else { return };
+                let Some(mut p) = self.settle(key) else { return };
                 self.stats.answers += 1;
-                let answer = std::mem::take(&mut self.frame);
+                let mut answer = std::mem::take(&mut self.frame);
+                if let (Some(cache), Some(k)) = (&mut self.cache, &p.cache_key) {
+                    cache.insert(k, &answer, now);
+                }
                 self.deliver(p.origin, &p.msg, Some(&p.info), &answer, true);
+                for (fk, fgen) in std::mem::take(&mut p.followers) {
+                    if !self.queries.get(fk).is_some_and(|f| f.gen == fgen) {
+                        continue;
+                    }
+                    let Some(f) = self.settle(fk) else { continue };
+                    dns::set_id(&mut answer, f.info.id);
+                    // Same question, possibly in other letter case: give
+                    // each client its own bytes back.
+                    let question = f.info.question(&f.msg);
+                    if let Some(dst) = answer.get_mut(dns::HEADER_LEN..dns::HEADER_LEN + question.len()) {
+                        dst.copy_from_slice(question);
+                    }
+                    self.stats.answers += 1;
+                    self.deliver(f.origin, &f.msg, Some(&f.info), &answer, true);
+                    self.put_buf(f.msg);
+                }
                 self.frame = answer;
                 self.put_buf(p.msg);
             }
@@ -1147,7 +1219,13 @@ impl Proxy {
 
     /// End query `key` with an answer of our own.
     fn fail(&mut self, key: usize, rc: u8, why: Option<(u16, &str)>) {
-        let Some(p) = self.settle(key) else { return };
+        let Some(mut p) = self.settle(key) else { return };
+        // Merged queries share their leader's fate.
+        for (fk, fgen) in std::mem::take(&mut p.followers) {
+            if self.queries.get(fk).is_some_and(|f| f.gen == fgen) {
+                self.fail(fk, rc, why);
+            }
+        }
         if rc == rcode::SERVFAIL {
             self.stats.servfail += 1;
         }
@@ -1579,6 +1657,19 @@ impl Proxy {
             &[("reason", "late")],
             s.late_answers,
         );
+        if let Some(c) = &self.cache {
+            e.header("dotproxy_cache_lookups_total", "counter", "Cache lookups, by result.");
+            e.sample("dotproxy_cache_lookups_total", &[("result", "hit")], c.hits);
+            e.sample("dotproxy_cache_lookups_total", &[("result", "miss")], c.misses);
+            e.header("dotproxy_cache_entries", "gauge", "Answers in the cache.");
+            e.sample("dotproxy_cache_entries", &[], c.len());
+            e.header(
+                "dotproxy_merged_total",
+                "counter",
+                "Queries answered by an identical query already in flight.",
+            );
+            e.sample("dotproxy_merged_total", &[], s.merged);
+        }
         e.header("dotproxy_inflight", "gauge", "Queries waiting for an answer.");
         e.sample("dotproxy_inflight", &[], self.queries.len());
         e.header("dotproxy_tcp_clients", "gauge", "Open TCP client connections.");

@@ -228,3 +228,55 @@ fn slower_upstream_gets_less_traffic() {
     assert!(ns >= 1, "the slow upstream was never tried");
     assert!(nf >= 4 * ns, "fast {nf}, slow {ns}");
 }
+
+fn ttl_of(r: &[u8]) -> u32 {
+    Message::must(r).answers[0].ttl
+}
+
+#[test]
+fn cache_answers_repeats_with_aged_ttl() {
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::default());
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--cache-size", "100"]);
+    let first = ask(&proxy, 1, "cached.example");
+    assert_default_answer(&first, 1, "cached.example");
+    assert_eq!(ttl_of(&first), 60);
+    std::thread::sleep(Duration::from_millis(1100));
+    let q2 = query(2, "CACHED.example");
+    let again = udp_exchange(proxy.udp_addr(), &q2, deadline_ms(5000)).expect("answer");
+    let m = Message::must(&again);
+    assert_eq!((m.id, m.rcode, m.ancount), (2, 0, 1));
+    // The client's own letter case comes back (DNS 0x20 clients check it).
+    assert_eq!(&again[12..q2.len()], &q2[12..]);
+    assert!(ttl_of(&again) < 60, "TTL not aged: {}", ttl_of(&again));
+    // The EDNS variant is a different entry (its answer carries an OPT).
+    let e = udp_exchange(
+        proxy.udp_addr(),
+        &crate::util::query_edns(3, "cached.example", 1232),
+        deadline_ms(5000),
+    );
+    assert!(Message::must(&e.expect("answer")).opt.is_some());
+    assert_eq!(up.query_count(), 2, "upstream saw {} queries", up.query_count());
+    // Off by default: every query goes upstream.
+    let plain = TestProxy::for_upstream(&ca, &up, NAME, 2000, &[]);
+    ask(&plain, 4, "x.example");
+    ask(&plain, 5, "x.example");
+    assert_eq!(up.query_count(), 4);
+}
+
+#[test]
+fn identical_queries_in_flight_are_merged() {
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::delayed(Duration::from_millis(300)));
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--cache-size", "100"]);
+    let socks: Vec<_> = (0..10).map(|_| crate::util::udp_socket()).collect();
+    for (i, s) in socks.iter().enumerate() {
+        s.send_to(&query(100 + i as u16, "merge.example"), proxy.udp_addr())
+            .expect("send");
+    }
+    for (i, s) in socks.iter().enumerate() {
+        let r = crate::util::client::udp_recv(s, deadline_ms(3000)).expect("answer");
+        assert_default_answer(&r, 100 + i as u16, "merge.example");
+    }
+    assert_eq!(up.query_count(), 1);
+}
