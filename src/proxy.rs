@@ -1183,7 +1183,7 @@ impl Proxy {
                 }
                 self.deliver(p.origin, &p.msg, Some(&p.info), &answer, true);
                 for (fk, fgen) in std::mem::take(&mut p.followers) {
-                    if !self.queries.get(fk).is_some_and(|f| f.gen == fgen) {
+                    if self.queries.get(fk).is_none_or(|f| f.gen != fgen) {
                         continue;
                     }
                     let Some(f) = self.settle(fk) else { continue };
