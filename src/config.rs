@@ -57,6 +57,11 @@ OPTIONS:
       --tcp-idle-timeout MS       close a TCP client that completes no query and
                                   has no answer pending for this long; also bounds
                                   a slowly trickled query (default 10000)
+      --config FILE               read more options from FILE, one per line as
+                                  `name value` (e.g. `upstream 1.1.1.1#cloudflare-dns.com`);
+                                  SIGHUP re-reads it and applies upstreams, forwards,
+                                  access list, padding, timeout and limits without
+                                  dropping queries in flight
   -h, --help                      print this help
   -V, --version                   print the version
 
@@ -121,6 +126,9 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The command line it came from (the --config file is read again from
+    /// it on SIGHUP).
+    pub args: Vec<std::ffi::OsString>,
     pub listen: Vec<SocketAddr>,
     pub upstreams: Vec<Upstream>,
     /// Split forwarding: names at or under the zone go to these upstreams.
@@ -297,8 +305,45 @@ fn level(s: &str) -> Option<log::LevelFilter> {
     s.parse().ok()
 }
 
+/// Read a --config file: one option per line, its long name without the
+/// dashes, a space, the value (`upstream 1.1.1.1#cloudflare-dns.com`);
+/// `#` starts a comment line. Returned as command-line arguments.
+fn read_config_file(path: &std::path::Path) -> Result<Vec<std::ffi::OsString>, Exit> {
+    let text = std::fs::read_to_string(path).map_err(|e| Exit::Usage(format!("--config {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        if matches!(name, "config" | "help" | "version") || name.starts_with('-') {
+            return Err(Exit::Usage(format!(
+                "--config {} line {}: {name:?} is not allowed here",
+                path.display(),
+                n + 1
+            )));
+        }
+        out.push(format!("--{name}").into());
+        let value = value.trim();
+        if !value.is_empty() {
+            out.push(value.into());
+        }
+    }
+    Ok(out)
+}
+
 pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
+    let original = args.clone();
     let mut p = pico_args::Arguments::from_vec(args);
+    let config_file: Option<PathBuf> = p
+        .opt_value_from_os_str("--config", |s| Ok::<_, String>(PathBuf::from(s)))
+        .map_err(|e| Exit::Usage(e.to_string()))?;
+    if let Some(path) = &config_file {
+        let mut all = p.finish();
+        all.extend(read_config_file(path)?);
+        p = pico_args::Arguments::from_vec(all);
+    }
     if p.contains(["-h", "--help"]) {
         return Err(Exit::Help);
     }
@@ -427,6 +472,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         )));
     }
     Ok(Config {
+        args: original,
         listen,
         upstreams,
         forwards,
@@ -480,6 +526,30 @@ mod tests {
         assert!(parse(args(&["--forward", "corp.example"])).is_err());
         assert!(parse(args(&["--forward", "a..b=10.0.0.53#x.test"])).is_err());
         assert!(Upstream::parse("127.0.0.1#x.test@ca=/nonexistent").is_err());
+    }
+
+    #[test]
+    fn config_file_adds_options() {
+        let dir = std::env::temp_dir().join(format!("dotproxy-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dotproxy.conf");
+        std::fs::write(&path, "# comment\nupstream 127.0.0.1:8853#a.test\n\nforward corp.example=10.0.0.1#b.test\nallow 10.0.0.0/8\ntimeout 900\n").unwrap();
+        let c = parse(args(&["--config", path.to_str().unwrap(), "-u", "127.0.0.2#c.test"])).unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.forwards.len(), 1);
+        assert_eq!(c.timeout, Duration::from_millis(900));
+        assert_eq!(c.allow.len(), 1);
+        std::fs::write(&path, "bogus 1\n").unwrap();
+        assert!(matches!(
+            parse(args(&["--config", path.to_str().unwrap()])),
+            Err(Exit::Usage(_))
+        ));
+        std::fs::write(&path, "config /etc/x\n").unwrap();
+        assert!(matches!(
+            parse(args(&["--config", path.to_str().unwrap()])),
+            Err(Exit::Usage(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -259,6 +259,10 @@ pub struct Proxy {
     /// Cache key → the query in flight for it (merging).
     leaders: HashMap<Box<[u8]>, (usize, u32)>,
     key_buf: Vec<u8>,
+    /// What the configuration was parsed from, for reloads.
+    args: Vec<std::ffi::OsString>,
+    listen: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     pub stats: Stats,
 }
 
@@ -272,6 +276,50 @@ fn zone_wire(zone: &str) -> Vec<u8> {
     w.push(0);
     w
 }
+
+/// The upstream table: group 0 is the default upstreams, each --forward
+/// zone has its own group.
+type Zones = Vec<(Vec<u8>, usize)>;
+
+fn build_upstreams(cfg: &Config, tls: &Arc<rustls::ClientConfig>) -> Result<(Vec<Upstream>, Zones), String> {
+    let mut zones: Zones = Vec::new();
+    let mut members: Vec<(usize, &UpstreamConfig, Option<&str>)> = cfg.upstreams.iter().map(|u| (0, u, None)).collect();
+    for (zone, u) in &cfg.forwards {
+        let wire = zone_wire(zone);
+        let group = match zones.iter().find(|(z, _)| *z == wire) {
+            Some(&(_, g)) => g,
+            None => {
+                zones.push((wire, zones.len() + 1));
+                zones.len()
+            }
+        };
+        members.push((group, u, Some(zone.as_str())));
+    }
+    let mut upstreams = Vec::new();
+    for (group, u, zone) in members {
+        match zone {
+            Some(zone) => info!("upstream {u} for {zone}"),
+            None => info!("upstream {u}"),
+        }
+        upstreams.push(Upstream {
+            group,
+            srtt: None,
+            cfg: u.clone(),
+            tls: crate::tls::for_upstream(tls, cfg.ca_file.as_deref(), u)?,
+            label: u.to_string(),
+            conns: Vec::new(),
+            failures: 0,
+            down_until: None,
+            down: false,
+            stats: UpstreamStats::default(),
+        });
+    }
+    Ok((upstreams, zones))
+}
+
+/// Group of retired upstreams: never chosen, kept only until their
+/// connections have drained.
+const RETIRED: usize = usize::MAX;
 
 fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
     // A burst of thousands of datagrams overflows the default ~208 KB
@@ -345,40 +393,7 @@ impl Proxy {
             });
             tcp.push(Some(t));
         }
-        // Group 0 is the default upstreams; each --forward zone has its own.
-        let mut zones: Vec<(Vec<u8>, usize)> = Vec::new();
-        let mut members: Vec<(usize, &UpstreamConfig)> = cfg.upstreams.iter().map(|u| (0, u)).collect();
-        for (zone, u) in &cfg.forwards {
-            let wire = zone_wire(zone);
-            let group = match zones.iter().find(|(z, _)| *z == wire) {
-                Some(&(_, g)) => g,
-                None => {
-                    zones.push((wire, zones.len() + 1));
-                    zones.len()
-                }
-            };
-            members.push((group, u));
-        }
-        let mut upstreams = Vec::new();
-        for (group, u) in members {
-            match cfg.forwards.iter().find(|(_, f)| std::ptr::eq(f, u)) {
-                Some((zone, _)) => info!("upstream {u} for {zone}"),
-                None => info!("upstream {u}"),
-            }
-            let own = crate::tls::for_upstream(&tls, cfg.ca_file.as_deref(), u)?;
-            upstreams.push(Upstream {
-                group,
-                srtt: None,
-                cfg: u.clone(),
-                tls: own,
-                label: u.to_string(),
-                conns: Vec::new(),
-                failures: 0,
-                down_until: None,
-                down: false,
-                stats: UpstreamStats::default(),
-            });
-        }
+        let (upstreams, zones) = build_upstreams(cfg, &tls)?;
         let metrics = match cfg.metrics {
             None => None,
             Some(addr) => {
@@ -392,9 +407,9 @@ impl Proxy {
                 Some(l)
             }
         };
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let mut signals =
-            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-                .map_err(|e| format!("signals: {e}"))?;
+            signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("signals: {e}"))?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| format!("register signals: {e}"))?;
@@ -433,6 +448,9 @@ impl Proxy {
             cache: (cfg.cache_size > 0).then(|| Cache::new(cfg.cache_size)),
             leaders: HashMap::new(),
             key_buf: Vec::new(),
+            args: cfg.args.clone(),
+            listen: cfg.listen.clone(),
+            metrics_addr: cfg.metrics,
             stats: Stats::default(),
         })
     }
@@ -501,7 +519,10 @@ impl Proxy {
             TAG_FIXED if index == METRICS => self.accept_http(now),
             TAG_FIXED if tok == SIGNALS => {
                 let got: Vec<i32> = self.signals.pending().collect();
-                if !got.is_empty() {
+                if got.contains(&signal_hook::consts::SIGHUP) {
+                    self.reload(now);
+                }
+                if got.iter().any(|&s| s != signal_hook::consts::SIGHUP) {
                     self.start_stop(now);
                 }
             }
@@ -1740,6 +1761,84 @@ impl Proxy {
             e.sample(&format!("{name}_count"), &[("upstream", &u.label)], u.stats.answers);
         }
         e.0
+    }
+
+    // ---- reload ----
+
+    /// SIGHUP: read the command line and --config file again and apply the
+    /// upstreams, forwarding rules, access list, padding, timeout and
+    /// limits. Queries in flight finish on the connections they are on;
+    /// unchanged upstreams keep their connections, health and counters.
+    fn reload(&mut self, now: Instant) {
+        let cfg = match crate::config::parse(self.args.clone()) {
+            Ok(cfg) => cfg,
+            Err(crate::config::Exit::Usage(msg)) => {
+                warn!("reload failed, keeping the running configuration: {msg}");
+                return;
+            }
+            Err(_) => return,
+        };
+        let result = crate::tls::client_config(cfg.ca_file.as_deref()).and_then(|tls| build_upstreams(&cfg, &tls));
+        let (fresh, zones) = match result {
+            Ok(built) => built,
+            Err(msg) => {
+                warn!("reload failed, keeping the running configuration: {msg}");
+                return;
+            }
+        };
+        if cfg.listen != self.listen || cfg.metrics != self.metrics_addr {
+            warn!("reload: listen and metrics addresses only change on restart");
+        }
+        let mut kept = vec![false; self.upstreams.len()];
+        for new in fresh {
+            // Same resolver, same authentication: keep the running one.
+            let same = (0..self.upstreams.len())
+                .find(|&i| !kept[i] && self.upstreams[i].group != RETIRED && self.upstreams[i].cfg == new.cfg);
+            match same {
+                Some(i) => {
+                    kept[i] = true;
+                    self.upstreams[i].group = new.group;
+                }
+                None => {
+                    kept.push(true);
+                    self.upstreams.push(new);
+                }
+            }
+        }
+        for (i, keep) in kept.iter().enumerate() {
+            if *keep {
+                continue;
+            }
+            let u = &mut self.upstreams[i];
+            if u.group != RETIRED {
+                info!("upstream {} removed", u.cfg);
+                u.group = RETIRED;
+            }
+            for &c in &u.conns {
+                if let Some(conn) = self.conns.get_mut(c) {
+                    conn.state = ConnState::Draining;
+                }
+            }
+        }
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == ConnState::Draining && c.ids.live() == 0)
+            .map(|(k, _)| k)
+            .collect();
+        for k in idle {
+            self.close_conn(k, CloseReason::Recycled, now);
+        }
+        self.zones = zones;
+        self.allow = cfg.allow;
+        self.padding = cfg.padding;
+        self.timeout = cfg.timeout;
+        self.limits = cfg.limits;
+        let active = self.upstreams.iter().filter(|u| u.group != RETIRED).count();
+        info!(
+            "configuration reloaded: {active} upstreams, {} forwarding zones",
+            self.zones.len()
+        );
     }
 
     // ---- shutdown ----

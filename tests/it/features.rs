@@ -280,3 +280,48 @@ fn identical_queries_in_flight_are_merged() {
     }
     assert_eq!(up.query_count(), 1);
 }
+
+#[test]
+fn sighup_reloads_upstreams_without_dropping_queries() {
+    let ca = TestCa::new();
+    let old = TestUpstream::for_name(&ca, NAME, Script::delayed(Duration::from_millis(400)));
+    let new = TestUpstream::for_name(&ca, NAME, Script::default());
+    let conf = ca.dir().join("dotproxy.conf");
+    let write = |up: &TestUpstream, extra: &str| {
+        let text = format!(
+            "# test\nupstream {}\nca-file {}\ntimeout 3000\n{extra}",
+            up.arg(NAME),
+            ca.pem_path_str()
+        );
+        std::fs::write(&conf, text).expect("write config");
+    };
+    write(&old, "");
+    let proxy = TestProxy::start(&["--config", conf.to_str().expect("utf-8 path")]);
+    // A query in flight on the old upstream when the reload happens.
+    let sock = crate::util::udp_socket();
+    sock.send_to(&query(1, "before.example"), proxy.udp_addr())
+        .expect("send");
+    assert!(old.wait_until(deadline_ms(2000), |s| s.queries.len() == 1));
+    write(&new, "");
+    proxy.signal(libc::SIGHUP);
+    assert!(
+        proxy.wait_for_log("configuration reloaded", deadline_ms(2000)),
+        "{}",
+        proxy.log_text()
+    );
+    let r = crate::util::client::udp_recv(&sock, deadline_ms(3000)).expect("the in-flight query was answered");
+    assert_default_answer(&r, 1, "before.example");
+    assert_default_answer(&ask(&proxy, 2, "after.example"), 2, "after.example");
+    assert_eq!(new.query_count(), 1);
+    assert_eq!(old.query_count(), 1);
+    // A broken file is refused and the running configuration stays.
+    std::fs::write(&conf, "upstream 127.0.0.1\n").expect("write config");
+    proxy.signal(libc::SIGHUP);
+    assert!(
+        proxy.wait_for_log("reload failed", deadline_ms(2000)),
+        "{}",
+        proxy.log_text()
+    );
+    assert_default_answer(&ask(&proxy, 3, "still.example"), 3, "still.example");
+    assert_eq!(new.query_count(), 2);
+}
