@@ -116,6 +116,18 @@ enum Timer {
     Http { key: usize, gen: u32 },
 }
 
+/// Limits whose hits are logged, each at most once per [`NOTICE_EVERY`].
+#[derive(Debug, Clone, Copy)]
+enum Notice {
+    AccessList,
+    Busy,
+    TcpClients,
+    UdpBacklog,
+    SlowReader,
+}
+
+const NOTICE_EVERY: Duration = Duration::from_secs(10);
+
 struct UdpListener {
     sock: UdpSocket,
     backlog: VecDeque<(SocketAddr, Vec<u8>)>,
@@ -259,6 +271,8 @@ pub struct Proxy {
     /// Cache key → the query in flight for it (merging).
     leaders: HashMap<Box<[u8]>, (usize, u32)>,
     key_buf: Vec<u8>,
+    /// When each kind of limit hit was last logged.
+    noticed: [Option<Instant>; 5],
     /// What the configuration was parsed from, for reloads.
     args: Vec<std::ffi::OsString>,
     listen: Vec<SocketAddr>,
@@ -448,6 +462,7 @@ impl Proxy {
             cache: (cfg.cache_size > 0).then(|| Cache::new(cfg.cache_size)),
             leaders: HashMap::new(),
             key_buf: Vec::new(),
+            noticed: [None; 5],
             args: cfg.args.clone(),
             listen: cfg.listen.clone(),
             metrics_addr: cfg.metrics,
@@ -540,6 +555,17 @@ impl Proxy {
         }
     }
 
+    /// Log that a limit was hit, once per kind per ten seconds: a flood
+    /// must not turn into a flood of log lines.
+    fn notice(&mut self, kind: Notice, what: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        let last = &mut self.noticed[kind as usize];
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= NOTICE_EVERY) {
+            *last = Some(now);
+            warn!("{what} (logged at most every {} s)", NOTICE_EVERY.as_secs());
+        }
+    }
+
     fn gen(&mut self) -> u32 {
         self.next_gen = self.next_gen.wrapping_add(1);
         self.next_gen
@@ -581,6 +607,10 @@ impl Proxy {
                 // Dropped, not REFUSED: an answer to a spoofed source would
                 // make us a reflector.
                 self.stats.refused_acl += 1;
+                self.notice(
+                    Notice::AccessList,
+                    format_args!("udp query from {} dropped: not in --allow", peer.ip()),
+                );
                 continue;
             }
             let mut msg = self.take_buf();
@@ -606,6 +636,10 @@ impl Proxy {
             l.backlog.push_back((peer, msg.to_vec()));
         } else {
             self.stats.udp_send_dropped += 1;
+            self.notice(
+                Notice::UdpBacklog,
+                format_args!("udp answers dropped: send buffer full"),
+            );
         }
     }
 
@@ -632,11 +666,20 @@ impl Proxy {
                 Ok((sock, peer)) => {
                     if !self.allowed(peer.ip()) {
                         self.stats.refused_acl += 1;
+                        self.notice(
+                            Notice::AccessList,
+                            format_args!("tcp client {} closed: not in --allow", peer.ip()),
+                        );
                         debug!("tcp client {peer} not in the access list; closed");
                         continue;
                     }
                     if self.clients.len() >= self.limits.max_tcp_clients {
                         self.stats.tcp_refused += 1;
+                        let max = self.limits.max_tcp_clients;
+                        self.notice(
+                            Notice::TcpClients,
+                            format_args!("tcp client refused: --max-tcp-clients {max} reached"),
+                        );
                         debug!(
                             "tcp client {peer} refused: {} clients connected",
                             self.limits.max_tcp_clients
@@ -827,6 +870,13 @@ impl Proxy {
                     // retrying into the queue, and is no bigger than the
                     // query, so it cannot amplify.
                     self.stats.refused_busy += 1;
+                    let (max, max_ip) = (self.limits.max_inflight, self.limits.max_inflight_per_ip);
+                    self.notice(
+                        Notice::Busy,
+                        format_args!(
+                            "query from {ip} refused: --max-inflight {max} or --max-inflight-per-ip {max_ip} reached"
+                        ),
+                    );
                     let mut reply = std::mem::take(&mut self.reply);
                     dns::build_error(
                         &mut reply,
@@ -844,6 +894,12 @@ impl Proxy {
                 if let Origin::Tcp { key, .. } = origin {
                     if let Some(c) = self.clients.get_mut(key) {
                         c.in_flight += 1;
+                    }
+                }
+                if log::log_enabled!(log::Level::Debug) {
+                    // The query log: names appear only when asked for.
+                    if let Ok((name, _)) = dns::read_name(&msg, dns::HEADER_LEN, false) {
+                        debug!("query from {}: {name} type {}", self.peer_of(origin), info.qtype);
                     }
                 }
                 let gen = self.gen();
@@ -1284,8 +1340,12 @@ impl Proxy {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
                 if c.pending_out() > MAX_BUFFERED_OUT {
-                    debug!("tcp client {} does not read its answers; closing", c.peer);
+                    let peer = c.peer;
                     self.close_client(key);
+                    self.notice(
+                        Notice::SlowReader,
+                        format_args!("tcp client {peer} closed: does not read its answers"),
+                    );
                     return;
                 }
                 c.push_answer(answer);

@@ -105,6 +105,34 @@ impl TestCa {
         }
     }
 
+    /// An intermediate CA issued by this one. Its leaves carry only
+    /// themselves in `chain`; push `sub.der()` to send the intermediate.
+    /// Its own `pem_path()` holds the intermediate alone.
+    pub fn sub_ca(&self) -> TestCa {
+        let key = KeyPair::generate().expect("intermediate key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("intermediate params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "dotproxy test intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign intermediate");
+        let dir = TempDir::new("subca");
+        let pem_path = dir.path().join("ca.pem");
+        fs::write(&pem_path, cert.pem()).expect("write intermediate pem");
+        TestCa {
+            cert,
+            key,
+            pem_path,
+            dir,
+        }
+    }
+
     /// Path of the CA certificate PEM file.
     pub fn pem_path(&self) -> &Path {
         &self.pem_path

@@ -106,6 +106,11 @@ pub enum TcpEvent {
 impl TcpClient {
     pub fn connect(addr: SocketAddr) -> TcpClient {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("tcp connect to proxy");
+        TcpClient::from_stream(stream)
+    }
+
+    /// Wraps a connected stream (e.g. one bound to another source address).
+    pub fn from_stream(stream: TcpStream) -> TcpClient {
         stream.set_nodelay(true).ok();
         stream.set_write_timeout(Some(Duration::from_secs(5))).ok();
         TcpClient {

@@ -13,15 +13,19 @@
 pub mod certs;
 pub mod client;
 pub mod dns;
+pub mod metrics;
+pub mod net;
 pub mod proxy;
 pub mod tls_client;
 pub mod upstream;
+pub mod wire;
 
 pub use certs::{Leaf, TestCa, Validity};
 pub use client::{
     deadline_ms, tcp_exchange, udp_exchange, udp_exchange_on, udp_recv, udp_socket, wait_until, TcpClient, TcpEvent,
 };
 pub use dns::{query, query_edns, Message, QueryBuilder};
+pub use metrics::{assert_serving, quiescent, quiescent_idle, Metrics};
 pub use proxy::{run_to_exit, RunOutput, TestProxy};
 pub use upstream::{Action, CloseKind, HookCtx, Script, Stats, TestUpstream};
 

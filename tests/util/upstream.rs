@@ -52,6 +52,12 @@ pub enum Action {
     Delay(Duration),
     /// Close the connection.
     Close(CloseKind),
+    /// TLS 1.3 KeyUpdate (`refresh_traffic_keys`), sent with the next flush.
+    KeyUpdate,
+    /// Stop reading (and writing) on this connection for good: the socket
+    /// stays open, its receive buffer fills, the peer's writes back up. The
+    /// thread idles until the upstream stops.
+    StopReading,
 }
 
 /// What a hook sees for each query.
@@ -97,8 +103,8 @@ pub struct Script {
     pub no_handshake: bool,
     /// Per-name rules on the first label of the qname: `slow*` gets
     /// `slow_delay` more, `big*` gets a big TXT answer, `txtN` (e.g.
-    /// `txt4.example`) gets N 253-byte TXT records, `silent*` is never
-    /// answered.
+    /// `txt4.example`, N <= 258) gets N 253-byte TXT records, `silent*` is
+    /// never answered.
     pub name_rules: bool,
     pub slow_delay: Duration,
     /// Number of 253-byte TXT records in a `big` answer (12: ~3070 bytes).
@@ -256,10 +262,24 @@ pub struct Stats {
     pub peer_close_notify: usize,
     /// Connections the peer closed without close_notify (FIN or error).
     pub peer_eof: usize,
+    /// SNI sent by the client, per completed handshake (in order).
+    pub sni: Vec<Option<String>>,
+    /// ALPN protocol negotiated, per completed handshake (only set when the
+    /// server config lists protocols, e.g. `dot`).
+    pub alpn: Vec<Option<Vec<u8>>>,
+    /// The first bytes (up to 16) each connection received, by connection
+    /// number: a TLS client starts with a handshake record (0x16).
+    pub first_bytes: HashMap<usize, Vec<u8>>,
+    /// Highest number of queries in flight at once, by connection number.
+    pub max_inflight: HashMap<usize, usize>,
+    /// KeyUpdate messages sent (Action::KeyUpdate).
+    pub key_updates: usize,
 }
 
 struct Shared {
     script: Mutex<Script>,
+    /// TLS config for connections accepted from now on.
+    config: Mutex<Arc<ServerConfig>>,
     stats: Mutex<Stats>,
     stop: AtomicBool,
     conns: AtomicUsize,
@@ -285,9 +305,32 @@ impl TestUpstream {
     /// Starts on 127.0.0.1:0 with the given TLS config and script.
     pub fn start(config: Arc<ServerConfig>, script: Script) -> TestUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind test upstream");
+        TestUpstream::with_listener(listener, config, script)
+    }
+
+    /// Starts on a given address (e.g. the port of an upstream that was
+    /// stopped, to bring it back). Retries `AddrInUse` for up to 2 s.
+    pub fn start_on(addr: SocketAddr, config: Arc<ServerConfig>, script: Script) -> TestUpstream {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        // Bounded by the deadline.
+        let listener = loop {
+            match TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("bind test upstream on {addr}: {e}"),
+            }
+        };
+        TestUpstream::with_listener(listener, config, script)
+    }
+
+    fn with_listener(listener: TcpListener, config: Arc<ServerConfig>, script: Script) -> TestUpstream {
         let addr = listener.local_addr().expect("upstream addr");
         let seed = script.seed;
         let shared = Arc::new(Shared {
+            config: Mutex::new(config),
             script: Mutex::new(script),
             stats: Mutex::new(Stats::default()),
             stop: AtomicBool::new(false),
@@ -299,7 +342,7 @@ impl TestUpstream {
         let sh = shared.clone();
         let acceptor = thread::Builder::new()
             .name(format!("upstream-accept-{}", addr.port()))
-            .spawn(move || accept_loop(listener, sh, config))
+            .spawn(move || accept_loop(listener, sh))
             .expect("spawn acceptor");
         TestUpstream {
             addr,
@@ -336,6 +379,12 @@ impl TestUpstream {
 
     pub fn update_script(&self, f: impl FnOnce(&mut Script)) {
         f(&mut lock(&self.shared.script));
+    }
+
+    /// Replaces the TLS config (certificate) for connections accepted from
+    /// now on; open connections keep theirs.
+    pub fn set_config(&self, config: Arc<ServerConfig>) {
+        *lock(&self.shared.config) = config;
     }
 
     /// A snapshot of everything recorded.
@@ -423,7 +472,7 @@ impl Drop for TestUpstream {
     }
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>, config: Arc<ServerConfig>) {
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     // Bounded by the stop flag: stop() wakes accept() with a connection.
     loop {
         let accepted = listener.accept();
@@ -446,7 +495,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, config: Arc<ServerCon
         }
         let no_handshake = lock(&shared.script).no_handshake;
         let sh = shared.clone();
-        let cfg = config.clone();
+        let cfg = lock(&shared.config).clone();
         let h = thread::Builder::new()
             .name(format!("upstream-conn-{conn}"))
             .spawn(move || {
@@ -534,6 +583,8 @@ impl Ord for Pending {
 enum Flow {
     Continue,
     Closed,
+    /// StopReading: idle until the upstream stops.
+    Hold,
 }
 
 struct Conn {
@@ -550,6 +601,8 @@ struct Conn {
     queries_on_conn: usize,
     answered: usize,
     handshake_seen: bool,
+    /// The first bytes received on the socket (up to 16).
+    first_bytes: Vec<u8>,
 }
 
 impl Conn {
@@ -571,6 +624,7 @@ impl Conn {
             queries_on_conn: 0,
             answered: 0,
             handshake_seen: false,
+            first_bytes: Vec::new(),
         }
     }
 
@@ -584,8 +638,16 @@ impl Conn {
             if self.flush().is_err() {
                 return;
             }
-            if let Flow::Closed = self.run_due() {
-                return;
+            match self.run_due() {
+                Flow::Closed => return,
+                Flow::Hold => {
+                    // Bounded by the stop flag (stop() joins this thread).
+                    while !self.stopping() {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    return;
+                }
+                Flow::Continue => {}
             }
             self.maybe_release_batch(false);
             let now = Instant::now();
@@ -599,7 +661,11 @@ impl Conn {
             }
             let wait = wait.max(Duration::from_millis(1));
             let _ = self.sock.set_read_timeout(Some(wait));
-            let eof = match self.tls.read_tls(&mut self.sock) {
+            let mut rec = Recording {
+                sock: &mut self.sock,
+                first: &mut self.first_bytes,
+            };
+            let eof = match self.tls.read_tls(&mut rec) {
                 Ok(0) => true,
                 Ok(_) => false,
                 Err(e) if is_timeout(&e) => continue,
@@ -622,6 +688,9 @@ impl Conn {
                 self.handshake_seen = true;
                 let mut st = lock(&self.shared.stats);
                 st.handshakes += 1;
+                st.sni.push(self.tls.server_name().map(str::to_string));
+                st.alpn.push(self.tls.alpn_protocol().map(<[u8]>::to_vec));
+                st.first_bytes.insert(self.id, self.first_bytes.clone());
                 if self.tls.handshake_kind() == Some(HandshakeKind::Resumed) {
                     st.resumed += 1;
                 }
@@ -661,6 +730,9 @@ impl Conn {
 
     fn note_peer_eof(&self, err: String) {
         let mut st = lock(&self.shared.stats);
+        st.first_bytes
+            .entry(self.id)
+            .or_insert_with(|| self.first_bytes.clone());
         st.peer_eof += 1;
         if !err.is_empty() && !self.handshake_seen {
             st.tls_errors.push(err);
@@ -723,7 +795,12 @@ impl Conn {
                 bytes: q.clone(),
             });
             if let Some(id) = qid {
-                if !st.inflight.entry(self.id).or_default().insert(id) {
+                let set = st.inflight.entry(self.id).or_default();
+                let fresh = set.insert(id);
+                let now_inflight = set.len();
+                let max = st.max_inflight.entry(self.id).or_default();
+                *max = (*max).max(now_inflight);
+                if !fresh {
                     st.duplicate_inflight += 1;
                     st.duplicates.push((self.id, id));
                 }
@@ -841,6 +918,23 @@ impl Conn {
                     self.close(kind);
                     return Flow::Closed;
                 }
+                Action::KeyUpdate => {
+                    // Sent before anything written after it.
+                    if sent_any && self.flush().is_err() {
+                        return Flow::Closed;
+                    }
+                    match self.tls.refresh_traffic_keys() {
+                        Ok(()) => lock(&self.shared.stats).key_updates += 1,
+                        Err(e) => lock(&self.shared.stats)
+                            .tls_errors
+                            .push(format!("conn {}: refresh_traffic_keys: {e}", self.id)),
+                    }
+                    sent_any = true;
+                }
+                Action::StopReading => {
+                    let _ = self.flush();
+                    return Flow::Hold;
+                }
                 // Expanded when scheduling; never queued.
                 Action::Delay(_) | Action::Answer => {}
             }
@@ -884,7 +978,7 @@ impl Conn {
 }
 
 /// The answer the script's rules give (no delays): `big` (script.big_records
-/// TXT records), `txtN` (N TXT records of 253 bytes each, N <= 200) or the
+/// TXT records), `txtN` (N TXT records of 253 bytes each, N <= 258) or the
 /// default answer; `None` for `silent` names. A query without a question gets FORMERR.
 pub fn rule_answer(script: &Script, q: &[u8]) -> Option<Vec<u8>> {
     if script.name_rules {
@@ -925,11 +1019,29 @@ pub fn first_label_starts_with(q: &[u8], prefix: &str) -> bool {
         .is_some_and(|l| l.len() >= prefix.len() && l[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
-/// N from a first label `txtN` (1..=200).
+/// N from a first label `txtN` (1..=258; 258 records make an answer of
+/// about 65 300 bytes, just under the 65 535 a frame can carry).
 fn txt_count(q: &[u8]) -> Option<usize> {
     let len = *q.get(12)? as usize;
     let label = q.get(13..13 + len)?;
     let digits = label.strip_prefix(b"txt")?;
     let n: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    (1..=200).contains(&n).then_some(n)
+    (1..=258).contains(&n).then_some(n)
+}
+
+/// A socket reader that keeps the first 16 bytes it ever returned.
+struct Recording<'a> {
+    sock: &'a mut TcpStream,
+    first: &'a mut Vec<u8>,
+}
+
+impl Read for Recording<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        if self.first.len() < 16 {
+            let take = (16 - self.first.len()).min(n);
+            self.first.extend_from_slice(&buf[..take]);
+        }
+        Ok(n)
+    }
 }
