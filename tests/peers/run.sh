@@ -373,9 +373,11 @@ fi
 
 # ---------------------------------------------------------------- proxy
 pick_port PORT
-log "starting proxy on :$PORT -> 127.0.0.1:$DOT_PORT#dot.test"
+pick_port METRICS_PORT
+log "starting proxy on :$PORT -> 127.0.0.1:$DOT_PORT#dot.test (metrics on :$METRICS_PORT)"
 "$BIN" --listen "127.0.0.1:$PORT" --upstream "127.0.0.1:$DOT_PORT#dot.test" \
-    --ca-file "$CA" --timeout 2000 --log-level info >"$WORK/proxy.log" 2>&1 &
+    --ca-file "$CA" --timeout 2000 --log-level info \
+    --metrics "127.0.0.1:$METRICS_PORT" >"$WORK/proxy.log" 2>&1 &
 PROXY_PID=$!
 PIDS+=("$PROXY_PID")
 
@@ -555,6 +557,34 @@ for mode in udp tcp; do
     fi
 done
 
+log "metrics and health (curl, promtool)"
+murl="http://127.0.0.1:$METRICS_PORT"
+code=$(timeout 5 curl -s -o "$WORK/metrics.txt" -w '%{http_code}' "$murl/metrics" || true)
+if [ "$code" = 200 ] && timeout 10 promtool check metrics <"$WORK/metrics.txt" >"$WORK/promtool.txt" 2>&1; then
+    pass "metrics: 200 and promtool check metrics is clean"
+else
+    fail "metrics: 200 and promtool check metrics is clean" "HTTP $code"
+    sed 's/^/      | /' "$WORK/promtool.txt" | head -n 20
+fi
+udp_q=$(sed -n 's/^dotproxy_queries_total{transport="udp"} //p' "$WORK/metrics.txt")
+tcp_q=$(sed -n 's/^dotproxy_queries_total{transport="tcp"} //p' "$WORK/metrics.txt")
+trunc=$(sed -n 's/^dotproxy_truncated_total //p' "$WORK/metrics.txt")
+inflight=$(sed -n 's/^dotproxy_inflight //p' "$WORK/metrics.txt")
+if [ "${udp_q:-0}" -gt 1000 ] && [ "${tcp_q:-0}" -gt 1000 ] && [ "${trunc:-0}" -ge 1 ] && [ "$inflight" = 0 ]; then
+    pass "metrics: counters match the traffic (udp $udp_q, tcp $tcp_q, truncated $trunc, in flight $inflight)"
+else
+    fail "metrics: counters match the traffic" "udp ${udp_q:-?} tcp ${tcp_q:-?} truncated ${trunc:-?} inflight ${inflight:-?}"
+fi
+for probe in "GET /healthz 200" "GET /nope 404" "POST /metrics 405"; do
+    read -r method path want <<<"$probe"
+    code=$(timeout 5 curl -s -o /dev/null -X "$method" -w '%{http_code}' "$murl$path" || true)
+    if [ "$code" = "$want" ]; then
+        pass "metrics: $method $path -> $want"
+    else
+        fail "metrics: $method $path -> $want" "got $code"
+    fi
+done
+
 log "proxy process"
 if is_running "$PROXY_PID"; then
     rss=$(sed -n 's/^VmRSS:[[:space:]]*//p' "/proc/$PROXY_PID/status" 2>/dev/null || true)
@@ -571,7 +601,7 @@ if is_running "$PROXY_PID"; then
         rc=0
         wait "$PROXY_PID" || rc=$?
         dt=$(($(now_ms) - t0))
-        if [ "$rc" = 0 ] || [ "$rc" = 143 ]; then
+        if [ "$rc" = 0 ]; then
             pass "proxy: exits on SIGTERM in $dt ms (status $rc)"
         else
             fail "proxy: exits cleanly on SIGTERM" "exit status $rc after $dt ms"
