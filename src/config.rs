@@ -36,7 +36,10 @@ OPTIONS:
                                   as --upstream, plus @ca=PATH for its own CA);
                                   repeatable, several per zone allowed; the longest
                                   matching zone wins, other names go to --upstream
-      --allow CIDR                 clients allowed to query; repeatable; replaces the
+      --reuseport                 bind the listeners with SO_REUSEPORT, so several
+                                  dotproxy processes can share one address and the
+                                  kernel spreads clients over them (one per core)
+      --allow CIDR                  clients allowed to query; repeatable; replaces the
                                   default (loopback, 10/8, 172.16/12, 192.168/16,
                                   100.64/10, fc00::/7, fe80::/10); UDP queries from
                                   elsewhere are dropped, TCP connections closed
@@ -142,6 +145,8 @@ pub struct Config {
     pub limits: Limits,
     /// Answers kept in the cache; 0 turns caching (and merging) off.
     pub cache_size: usize,
+    /// Bind the listeners with SO_REUSEPORT (several processes, one port).
+    pub reuseport: bool,
 }
 
 /// The bounds on what clients can make the proxy hold.
@@ -363,6 +368,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let metrics: Option<String> = p.opt_value_from_str("--metrics").map_err(usage)?;
     let padding: Option<u16> = p.opt_value_from_str("--padding").map_err(usage)?;
     let cache_size: Option<usize> = p.opt_value_from_str("--cache-size").map_err(usage)?;
+    let reuseport = p.contains("--reuseport");
     let mut limits = Limits::default();
     let number = |p: &mut pico_args::Arguments, name: &'static str, min: u64, max: u64| -> Result<Option<u64>, Exit> {
         match p
@@ -483,6 +489,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         metrics,
         padding,
         limits,
+        reuseport,
         cache_size: match cache_size {
             Some(n) if n > 10_000_000 => return Err(Exit::Usage(format!("--cache-size {n}: at most 10000000"))),
             n => n.unwrap_or(0),

@@ -335,6 +335,24 @@ fn build_upstreams(cfg: &Config, tls: &Arc<rustls::ClientConfig>) -> Result<(Vec
 /// connections have drained.
 const RETIRED: usize = usize::MAX;
 
+/// A non-blocking socket bound to `addr`. With `reuseport`, several
+/// dotproxy processes can bind the same address and the kernel spreads
+/// clients over them (SO_REUSEPORT): the way to use more than one core.
+fn bind_socket(addr: SocketAddr, ty: socket2::Type, reuseport: bool) -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    s.set_nonblocking(true)?;
+    s.set_cloexec(true)?;
+    if ty == socket2::Type::STREAM {
+        // Restarting must not wait for old connections in TIME_WAIT.
+        s.set_reuse_address(true)?;
+    }
+    if reuseport {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
 fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
     // A burst of thousands of datagrams overflows the default ~208 KB
     // buffer before the loop can drain it. SO_RCVBUFFORCE passes
@@ -358,12 +376,17 @@ fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
 }
 
 /// Bind UDP and TCP on the same address; with port 0, on the same port.
-fn bind_pair(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+fn bind_pair(addr: SocketAddr, reuseport: bool) -> io::Result<(UdpSocket, TcpListener)> {
     let mut last = None;
     for _ in 0..16 {
-        let udp = UdpSocket::bind(addr)?;
+        let udp = bind_socket(addr, socket2::Type::DGRAM, reuseport)?;
+        let udp = UdpSocket::from_std(udp.into());
         let bound = udp.local_addr()?;
-        match TcpListener::bind(bound) {
+        let tcp = bind_socket(bound, socket2::Type::STREAM, reuseport).and_then(|s| {
+            s.listen(1024)?;
+            Ok(TcpListener::from_std(s.into()))
+        });
+        match tcp {
             Ok(tcp) => return Ok((udp, tcp)),
             // The kernel's free UDP port may be a busy TCP port; with an
             // explicit port there is nothing to retry.
@@ -384,7 +407,7 @@ impl Proxy {
         let mut tcp = Vec::new();
         let mut local = Vec::new();
         for (i, &addr) in cfg.listen.iter().enumerate() {
-            let (mut u, mut t) = bind_pair(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let (mut u, mut t) = bind_pair(addr, cfg.reuseport).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             set_rcvbuf(&u, UDP_RCVBUF);
             let reg = poll.registry();
             reg.register(

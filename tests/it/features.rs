@@ -325,3 +325,40 @@ fn sighup_reloads_upstreams_without_dropping_queries() {
     assert_default_answer(&ask(&proxy, 3, "still.example"), 3, "still.example");
     assert_eq!(new.query_count(), 2);
 }
+
+/// Two processes share one address with --reuseport and both serve it;
+/// without the flag the second cannot bind.
+#[test]
+fn reuseport_lets_processes_share_a_port() {
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::default());
+    let first = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--reuseport"]);
+    let shared = first.udp_addr().to_string();
+    let second = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--reuseport", "--listen", &shared]);
+    for i in 0..40u16 {
+        // A new socket each time: the kernel spreads by source port.
+        let name = format!("rp{i}.example");
+        let r = udp_exchange(first.udp_addr(), &query(i, &name), deadline_ms(5000)).expect("answer");
+        assert_default_answer(&r, i, &name);
+    }
+    let count = || (first.count_log("query from udp"), second.count_log("query from udp"));
+    // The log lines arrive through a pipe: give the reader a moment.
+    crate::util::client::wait_until(deadline_ms(2000), || count().0 + count().1 >= 40);
+    let (a, b) = count();
+    assert_eq!(a + b, 40);
+    assert!(a > 0 && b > 0, "first {a}, second {b}");
+    let upstream = up.arg(NAME);
+    let out = crate::util::proxy::run_to_exit(
+        &[
+            "--listen",
+            &shared,
+            "--upstream",
+            &upstream,
+            "--ca-file",
+            ca.pem_path_str(),
+        ],
+        Duration::from_secs(5),
+    );
+    assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot listen"), "{}", out.stderr);
+}
