@@ -121,7 +121,9 @@ impl TestCa {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign intermediate");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("sign intermediate");
         let dir = TempDir::new("subca");
         let pem_path = dir.path().join("ca.pem");
         fs::write(&pem_path, cert.pem()).expect("write intermediate pem");

@@ -6,6 +6,9 @@
 //! - `client`: UDP / framed TCP DNS clients with deadlines.
 //! - `tls_client`: a DoT client, to self-test the upstream.
 //! - `dns`: query builder, message parser, canned answers.
+//! - `wire`: hand-built queries/answers (OPT options, exact sizes, EDE).
+//! - `metrics`: /metrics scraping, /proc CPU and memory, quiescence check.
+//! - `net`: source-bound connects, RST, urgent data, a raw TCP server.
 
 // Not every helper is used by every test (the harness is meant to grow).
 #![allow(dead_code, unused_imports)]
@@ -55,6 +58,16 @@ impl Setup {
         let upstream = TestUpstream::for_name(&ca, NAME, script);
         let proxy = TestProxy::for_upstream(&ca, &upstream, NAME, timeout_ms, extra);
         Setup { proxy, upstream, ca }
+    }
+
+    /// Like `with_args`, plus `--metrics 127.0.0.1:0`; returns the setup
+    /// and the proxy's fd baseline for [`quiescent`].
+    pub fn observed(script: Script, timeout_ms: u64, extra: &[&str]) -> (Setup, usize) {
+        let mut args = vec!["--metrics", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let s = Setup::with_args(script, timeout_ms, &args);
+        let fds = s.proxy.baseline_fds();
+        (s, fds)
     }
 }
 
