@@ -778,6 +778,7 @@ fn walk_checked(msg: &[u8]) -> Result<(), WireError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

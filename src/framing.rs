@@ -101,6 +101,7 @@ pub fn push_frame(out: &mut Vec<u8>, msg: &[u8]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -13,6 +13,7 @@ use super::proxy::TestProxy;
 /// One scrape of `/metrics`: every sample as (name, labels, value).
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
+    #[allow(clippy::type_complexity)]
     pub samples: Vec<(String, Vec<(String, String)>, f64)>,
 }
 
