@@ -23,7 +23,8 @@ OPTIONS:
                                   [2606:4700:4700::1111]:853#cloudflare-dns.com;
                                   @pin= adds an SPKI SHA-256 pin (RFC 7858 §4.2,
                                   repeatable): with a NAME both must match, without
-                                  one (IP[:PORT]@pin=...) the pin alone authenticates
+                                  one (IP[:PORT]@pin=...) the pin alone authenticates;
+                                  @ca=PATH trusts PATH for this upstream only
                                   (default 1.1.1.1#cloudflare-dns.com and
                                   1.0.0.1#cloudflare-dns.com)
       --ca-file PATH              trust the PEM CA certificates in PATH instead of
@@ -39,7 +40,7 @@ OPTIONS:
       --reuseport                 bind the listeners with SO_REUSEPORT, so several
                                   dotproxy processes can share one address and the
                                   kernel spreads clients over them (one per core)
-      --allow CIDR                  clients allowed to query; repeatable; replaces the
+      --allow CIDR                clients allowed to query; repeatable; replaces the
                                   default (loopback, 10/8, 172.16/12, 192.168/16,
                                   100.64/10, fc00::/7, fe80::/10); UDP queries from
                                   elsewhere are dropped, TCP connections closed
@@ -49,7 +50,7 @@ OPTIONS:
       --cache-size N              cache up to N answers (TTL-aged, RFC 2308 negative
                                   caching) and merge identical queries in flight;
                                   default 0 = off
-      --max-inflight N             queries in flight in total (default 10000);
+      --max-inflight N            queries in flight in total (default 10000);
                                   beyond it new queries get REFUSED
       --max-inflight-per-ip N     queries in flight per client address (default
                                   1000); beyond it REFUSED
@@ -61,7 +62,7 @@ OPTIONS:
                                   has no answer pending for this long; also bounds
                                   a slowly trickled query (default 10000)
       --config FILE               read more options from FILE, one per line as
-                                  `name value` (e.g. `upstream 1.1.1.1#cloudflare-dns.com`);
+                                  `name value` (e.g. upstream 1.1.1.1#cloudflare-dns.com);
                                   SIGHUP re-reads it and applies upstreams, forwards,
                                   access list, padding, timeout and limits without
                                   dropping queries in flight
