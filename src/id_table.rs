@@ -159,7 +159,7 @@ impl IdTable {
     /// Put back a query taken by [`take`](Self::take) whose answer was
     /// rejected as not belonging to it.
     pub fn restore(&mut self, id: u16, q: QueryRef) {
-        if self.slots.insert(id, Slot::Live(q)).is_none() {
+        if !matches!(self.slots.insert(id, Slot::Live(q)), Some(Slot::Live(_))) {
             self.live += 1;
         }
     }
