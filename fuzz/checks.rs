@@ -377,6 +377,20 @@ fn checked_walk(msg: &[u8]) -> Option<Walk> {
     }
 }
 
+/// RFC 6891 §6.1.2: the options fill the OPT RDATA exactly.
+fn reference_options_fit(mut rdata: &[u8]) -> bool {
+    while !rdata.is_empty() {
+        let (Some(_), Some(len)) = (be16(rdata, 0), be16(rdata, 2)) else {
+            return false;
+        };
+        let Some(rest) = rdata.get(4 + usize::from(len)..) else {
+            return false;
+        };
+        rdata = rest;
+    }
+    true
+}
+
 /// Would a correct parse_query forward this query?
 fn reference_accepts_query(msg: &[u8]) -> bool {
     let Some(header) = msg.get(..HEADER) else {
@@ -396,7 +410,9 @@ fn reference_accepts_query(msg: &[u8]) -> bool {
     match reference_walk(msg) {
         Some(w) => {
             w.end == msg.len()
-                && w.opt.iter().all(|o| o.version == 0)
+                && w.opt
+                    .iter()
+                    .all(|o| o.version == 0 && reference_options_fit(&msg[o.rdata..o.end]))
                 && qtype != dns::TYPE_AXFR
                 && qtype != dns::TYPE_IXFR
         }
@@ -467,7 +483,7 @@ pub fn parse_query(data: &[u8]) {
                 "{msg:02x?} dropped ({why}) without answering"
             );
         }
-        Err(Reject::Answer { rcode, info, why }) => {
+        Err(Reject::Answer { rcode, info, why, .. }) => {
             assert!(msg.len() >= HEADER, "{why}: answering a message without a header");
             assert_eq!(msg[2] & (QR | TC), 0, "{why}: answering an answer or a TC query");
             if let Some(info) = &info {
@@ -541,13 +557,15 @@ fn check_padded(msg: &[u8], info: &QueryInfo, block: u16, keepalive: bool, out: 
     let opt = w.opt.expect("an OPT");
     let old = info.opt.map(|o| (o.edns, o.ext_rcode));
     let (ttl, udp) = match info.opt {
-        Some(o) => (msg[o.rdata - 6..o.rdata - 2].to_vec(), o.edns.udp_size),
+        // Our own OPT (RFC 6891 §6.1.4): version 0, extended RCODE 0, DO
+        // kept, every other flag bit zero.
+        Some(o) => (vec![0, 0, if o.edns.dnssec_ok { 0x80 } else { 0 }, 0], o.edns.udp_size),
         None => (vec![0; 4], dns::MAX_UDP),
     };
     assert_eq!(out[opt.rdata - 6..opt.rdata - 2], ttl[..], "{}: OPT TTL", ctx());
     assert_eq!(opt.edns.udp_size, udp);
-    if let Some((edns, ext)) = old {
-        assert_eq!((opt.edns, opt.ext_rcode), (edns, ext));
+    if let Some((edns, _)) = old {
+        assert_eq!((opt.edns, opt.ext_rcode), (edns, 0));
     }
     // The client's options bar the hop-by-hop ones, then ours.
     let mut want: Vec<(u16, Vec<u8>)> = match info.opt {

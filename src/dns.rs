@@ -363,6 +363,8 @@ pub enum Reject {
         rcode: u16,
         info: Option<QueryInfo>,
         why: &'static str,
+        /// An Extended DNS Error for clients that sent an OPT.
+        ede: Option<(u16, &'static str)>,
     },
 }
 
@@ -383,6 +385,7 @@ pub fn parse_query(msg: &[u8]) -> Result<QueryInfo, Reject> {
         rcode: rcode::FORMERR as u16,
         info: None,
         why,
+        ede: None,
     };
     let opcode = (flags >> 3) & 0x0f;
     if opcode != 0 {
@@ -390,6 +393,7 @@ pub fn parse_query(msg: &[u8]) -> Result<QueryInfo, Reject> {
             rcode: rcode::NOTIMP as u16,
             info: None,
             why: "opcode not QUERY",
+            ede: None,
         });
     }
     if u16_at(msg, field::QDCOUNT) != Some(1) {
@@ -406,6 +410,12 @@ pub fn parse_query(msg: &[u8]) -> Result<QueryInfo, Reject> {
     if walked.end != msg.len() {
         return Err(formerr("trailing bytes"));
     }
+    // RFC 6891 §6.1.2: options must fill the RDATA exactly.
+    if let Some(o) = walked.opt {
+        if options(msg.get(o.rdata..o.end).unwrap_or_default()).any(|r| r.is_err()) {
+            return Err(formerr("OPT option runs past its record"));
+        }
+    }
     let info = QueryInfo {
         id: u16_at(msg, 0).unwrap_or(0),
         question_end: walked.question_end,
@@ -418,6 +428,7 @@ pub fn parse_query(msg: &[u8]) -> Result<QueryInfo, Reject> {
             rcode: 16, // BADVERS (RFC 6891 §6.1.3)
             info: Some(info),
             why: "EDNS version not 0",
+            ede: None,
         });
     }
     // Zone transfers answer with many messages under one ID, which a 1:1 ID
@@ -427,6 +438,7 @@ pub fn parse_query(msg: &[u8]) -> Result<QueryInfo, Reject> {
             rcode: rcode::NOTIMP as u16,
             info: Some(info),
             why: "zone transfer",
+            ede: Some((ede::NOT_SUPPORTED, "zone transfers are not forwarded")),
         });
     }
     Ok(info)
@@ -683,9 +695,9 @@ pub fn pad_query(out: &mut Vec<u8>, msg: &[u8], info: &QueryInfo, block: u16, ke
         Some(o) => (
             msg.get(..o.start).unwrap_or(msg),
             msg.get(o.end..).unwrap_or(&[]),
-            msg.get(o.rdata - 6..o.rdata - 2)
-                .and_then(|t| t.try_into().ok())
-                .unwrap_or([0; 4]),
+            // Our OPT, not the client's (RFC 6891 §6.1.4): version 0, no
+            // extended RCODE, DO kept, unknown flag bits zeroed.
+            [0, 0, if o.edns.dnssec_ok { 0x80 } else { 0 }, 0],
             o.edns.udp_size,
             msg.get(o.rdata..o.end).unwrap_or(&[]),
         ),

@@ -848,11 +848,11 @@ impl Proxy {
                 debug!("dropped query from {}: {why}", self.peer_of(origin));
                 self.put_buf(msg);
             }
-            Err(Reject::Answer { rcode, info, why }) => {
+            Err(Reject::Answer { rcode, info, why, ede }) => {
                 self.stats.rejected += 1;
                 debug!("rejected query from {}: {why} (rcode {rcode})", self.peer_of(origin));
                 let mut reply = std::mem::take(&mut self.reply);
-                dns::build_error(&mut reply, &msg, info.as_ref(), rcode, None);
+                dns::build_error(&mut reply, &msg, info.as_ref(), rcode, ede);
                 self.deliver(origin, &msg, info.as_ref(), &reply, false);
                 self.reply = reply;
                 self.put_buf(msg);
@@ -1254,6 +1254,14 @@ impl Proxy {
         match dns::parse_response(&p.msg, &self.frame) {
             Ok(walk) => {
                 self.frame.truncate(walk.end);
+                // The same question, maybe in other letter case: the client
+                // gets its own bytes back (DNS 0x20 clients compare them).
+                if walk.question_end == p.info.question_end {
+                    let question = p.info.question(&p.msg);
+                    if let Some(dst) = self.frame.get_mut(dns::HEADER_LEN..walk.question_end) {
+                        dst.copy_from_slice(question);
+                    }
+                }
                 let hop = match dns::strip_answer(&mut self.frame, &walk, p.info.edns.is_some()) {
                     Ok(hop) => hop,
                     Err(e) => {
