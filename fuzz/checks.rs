@@ -335,7 +335,7 @@ fn reference_options(rdata: &[u8]) -> Option<Vec<(u16, Vec<u8>)>> {
 }
 
 fn hop_by_hop(code: u16) -> bool {
-    code == dns::OPT_PADDING || code == dns::OPT_TCP_KEEPALIVE
+    code == dns::OPT_PADDING || code == dns::OPT_TCP_KEEPALIVE || code == dns::OPT_COOKIE
 }
 
 fn assert_walks_agree(msg: &[u8], got: &Walk, want: &RefWalk) {

@@ -87,6 +87,7 @@ impl Cache {
         out.extend_from_slice(&e.answer);
         dns::age_ttls(out, &e.ttl_offsets, age as u32);
         dns::set_id(out, info.id);
+        dns::copy_rd(out, query);
         let question = info.question(query);
         if let Some(dst) = out.get_mut(dns::HEADER_LEN..dns::HEADER_LEN + question.len()) {
             dst.copy_from_slice(question);

@@ -37,6 +37,7 @@ pub const TYPE_AXFR: u16 = 252;
 pub const OPT_TCP_KEEPALIVE: u16 = 11;
 pub const OPT_PADDING: u16 = 12;
 pub const OPT_EDE: u16 = 15;
+pub const OPT_COOKIE: u16 = 10;
 
 /// The UDP payload size dotproxy advertises in its own OPT records and the
 /// largest UDP answer it sends (DNS Flag Day 2020).
@@ -106,6 +107,15 @@ pub fn set_id(msg: &mut [u8], id: u16) {
 }
 
 /// The 4-bit RCODE of a message with a header.
+/// Give an answer the RD bit of the query (RFC 1035 §4.1.1: copied into
+/// the response), for answers shared between queries.
+pub fn copy_rd(answer: &mut [u8], query: &[u8]) {
+    let rd = query.get(field::FLAGS_HI).map_or(0, |b| b & RD);
+    if let Some(b) = answer.get_mut(field::FLAGS_HI) {
+        *b = (*b & !RD) | rd;
+    }
+}
+
 pub fn rcode_of(msg: &[u8]) -> u8 {
     msg.get(field::FLAGS_LO).map_or(0, |b| b & 0x0f)
 }
@@ -668,9 +678,12 @@ fn options(rdata: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), WireError>
 }
 
 /// Options that describe one hop (RFC 7828 §3.3.2, RFC 7830 §3): they are
-/// never passed from one side of the proxy to the other.
-fn hop_by_hop(code: u16) -> bool {
-    code == OPT_PADDING || code == OPT_TCP_KEEPALIVE
+/// never passed from one side of the proxy to the other. Cookies (RFC 7873)
+/// are a contract between a client and the server it talks to; passed on,
+/// the upstream's answer would carry one client's cookie to another
+/// through the cache or a merged query.
+pub fn hop_by_hop(code: u16) -> bool {
+    code == OPT_PADDING || code == OPT_TCP_KEEPALIVE || code == OPT_COOKIE
 }
 
 /// Build the message sent upstream: the client's query with its own
@@ -967,7 +980,7 @@ mod tests {
             (
                 with_options(
                     query(1, "x.test", 1, Some(1232)),
-                    &[(OPT_PADDING, &[0; 30]), (10, &[1; 8])],
+                    &[(OPT_PADDING, &[0; 30]), (65001, &[1; 8])],
                 ),
                 true,
             ),
@@ -986,11 +999,11 @@ mod tests {
                 assert_eq!(padded.edns.unwrap().dnssec_ok, info.edns.unwrap().dnssec_ok);
             }
         }
-        let q = with_options(query(1, "x.test", 1, Some(1232)), &[(10, &[1; 8])]);
+        let q = with_options(query(1, "x.test", 1, Some(1232)), &[(65001, &[1; 8])]);
         pad_query(&mut out, &q, &parse_query(&q).unwrap(), 128, false);
-        assert_eq!(option_codes(&out), vec![10, OPT_PADDING]);
+        assert_eq!(option_codes(&out), vec![65001, OPT_PADDING]);
         pad_query(&mut out, &q, &parse_query(&q).unwrap(), 0, true);
-        assert_eq!(option_codes(&out), vec![10, OPT_TCP_KEEPALIVE]);
+        assert_eq!(option_codes(&out), vec![65001, OPT_TCP_KEEPALIVE]);
         assert_eq!(&out[out.len() - 4..], &[0, 11, 0, 0]);
     }
 

@@ -599,9 +599,10 @@ impl Proxy {
     }
 
     fn put_buf(&mut self, mut buf: Vec<u8>) {
-        // Keep a bounded pool of small buffers: steady state allocates
-        // nothing per query, a burst does not pin memory forever.
-        if self.free_bufs.len() < 4096 && buf.capacity() <= 4096 {
+        // Keep a bounded pool of query-sized buffers: steady state
+        // allocates nothing per query, and neither a burst nor a few big
+        // messages can pin much memory.
+        if self.free_bufs.len() < 2048 && buf.capacity() <= 512 {
             buf.clear();
             self.free_bufs.push(buf);
         }
@@ -777,8 +778,10 @@ impl Proxy {
                     let gen = c.gen;
                     c.last_active = now;
                     self.stats.queries_tcp += 1;
-                    let fresh = self.take_buf();
-                    let msg = std::mem::replace(&mut self.frame, fresh);
+                    // Copied, not swapped: `frame` grows to the largest
+                    // answer seen and must not end up in the query pool.
+                    let mut msg = self.take_buf();
+                    msg.extend_from_slice(&self.frame);
                     self.handle_query(msg, Origin::Tcp { key, gen }, now);
                 }
                 Ok(false) => {
@@ -858,11 +861,18 @@ impl Proxy {
                 self.put_buf(msg);
             }
             Ok(info) => {
+                if log::log_enabled!(log::Level::Debug) {
+                    // The query log: names appear only when asked for.
+                    if let Ok((name, _)) = dns::read_name(&msg, dns::HEADER_LEN, false) {
+                        debug!("query from {}: {name} type {}", self.peer_of(origin), info.qtype);
+                    }
+                }
                 let mut cache_key = None;
                 if let Some(cache) = &mut self.cache {
                     if cache::key_of(&mut self.key_buf, &msg, &info).is_some() {
                         let mut reply = std::mem::take(&mut self.reply);
                         if cache.get(&self.key_buf, &msg, &info, now, &mut reply) {
+                            self.stats.answers += 1;
                             self.deliver(origin, &msg, Some(&info), &reply, false);
                             self.reply = reply;
                             self.put_buf(msg);
@@ -917,12 +927,6 @@ impl Proxy {
                 if let Origin::Tcp { key, .. } = origin {
                     if let Some(c) = self.clients.get_mut(key) {
                         c.in_flight += 1;
-                    }
-                }
-                if log::log_enabled!(log::Level::Debug) {
-                    // The query log: names appear only when asked for.
-                    if let Ok((name, _)) = dns::read_name(&msg, dns::HEADER_LEN, false) {
-                        debug!("query from {}: {name} type {}", self.peer_of(origin), info.qtype);
                     }
                 }
                 let gen = self.gen();
@@ -1184,8 +1188,18 @@ impl Proxy {
             up.stats.resumed += 1;
         }
         if let Some(c) = self.conns.get(conn) {
-            let gen = c.gen;
-            self.timers.push(Reverse((now + c.idle, Timer::ConnIdle { conn, gen })));
+            self.arm_idle(conn, now + c.idle);
+        }
+    }
+
+    /// Arm the idle timer of connection `conn` for `at`, unless one is due
+    /// sooner already: one timer per connection, however many answers
+    /// come (a timer per answer would grow the heap without bound).
+    fn arm_idle(&mut self, conn: usize, at: Instant) {
+        let Some(c) = self.conns.get_mut(conn) else { return };
+        if c.idle_at.is_none_or(|t| at < t) {
+            c.idle_at = Some(at);
+            self.timers.push(Reverse((at, Timer::ConnIdle { conn, gen: c.gen })));
         }
     }
 
@@ -1272,8 +1286,8 @@ impl Proxy {
                 };
                 if let (Some(t), Some(c)) = (hop.keepalive, self.conns.get_mut(conn)) {
                     c.keepalive(t);
-                    let timer = Timer::ConnIdle { conn, gen: c.gen };
-                    self.timers.push(Reverse((c.last_active + c.idle, timer)));
+                    let at = c.last_active + c.idle;
+                    self.arm_idle(conn, at);
                 }
                 let Some(p) = self.queries.get(key) else { return };
                 dns::set_id(&mut self.frame, p.info.id);
@@ -1296,6 +1310,7 @@ impl Proxy {
                     }
                     let Some(f) = self.settle(fk) else { continue };
                     dns::set_id(&mut answer, f.info.id);
+                    dns::copy_rd(&mut answer, &f.msg);
                     // Same question, possibly in other letter case: give
                     // each client its own bytes back.
                     let question = f.info.question(&f.msg);
@@ -1554,15 +1569,19 @@ impl Proxy {
                 }
             }
             Timer::ConnIdle { conn, gen } => {
-                let Some(c) = self.conns.get(conn).filter(|c| c.gen == gen) else {
+                let Some(c) = self.conns.get_mut(conn).filter(|c| c.gen == gen) else {
                     return;
                 };
+                // Superseded by an earlier timer that already ran.
+                if c.idle_at.is_none_or(|t| t > now) {
+                    return;
+                }
+                c.idle_at = None;
                 let due = c.last_active + c.idle;
                 if c.ids.live() == 0 && due <= now {
                     self.close_conn(conn, CloseReason::Idle, now);
                 } else {
-                    self.timers
-                        .push(Reverse((due.max(now + Duration::from_millis(100)), timer)));
+                    self.arm_idle(conn, due.max(now + Duration::from_millis(100)));
                 }
             }
             Timer::ClientIdle { key, gen } => {

@@ -126,6 +126,8 @@ pub struct UpstreamConn {
     /// Close after this long with nothing in flight: our default, or less
     /// when the server announces a shorter edns-tcp-keepalive timeout.
     pub idle: Duration,
+    /// When the one idle timer of this connection is due, if armed.
+    pub idle_at: Option<Instant>,
 }
 
 impl UpstreamConn {
@@ -162,6 +164,7 @@ impl UpstreamConn {
             was_ready: false,
             dirty: false,
             idle,
+            idle_at: None,
         })
     }
 
@@ -236,6 +239,17 @@ impl UpstreamConn {
     }
 
     fn read_all(&mut self, scratch: &mut [u8], now: Instant) -> Result<(), CloseReason> {
+        let before = self.last_read;
+        let result = self.read_loop(scratch, now);
+        if self.last_read != before {
+            // A server that sends each answer in its own small write
+            // without TCP_NODELAY waits for our ACK before the next one.
+            crate::client::quick_ack(&self.sock);
+        }
+        result
+    }
+
+    fn read_loop(&mut self, scratch: &mut [u8], now: Instant) -> Result<(), CloseReason> {
         loop {
             let n = match self.sock.read(scratch) {
                 Ok(0) => {
