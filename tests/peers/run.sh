@@ -11,7 +11,8 @@
 #       --ca-file CA.pem --timeout 2000 --log-level info
 #
 # Needs: unbound, dig + mdig (dnsutils), kdig (knot-dnsutils), dnsperf,
-# openssl, ss (iproute2), ps (procps), timeout (coreutils).
+# openssl, ss (iproute2), ps (procps), timeout (coreutils), curl, promtool
+# (prometheus); optional: tcpdump, python3.
 #
 # Everything is bounded: each client call runs under timeout(1), each wait
 # loop has a deadline, and every process started here is killed by PID from
@@ -22,6 +23,14 @@
 #   PEERS_KEEP=1        keep the temporary work directory
 #   PEERS_DURATION=5    dnsperf run length in seconds
 #   PEERS_QPS=2000      dnsperf rate limit (-Q)
+#   PEERS_CAPTURE=0     skip the padding-on-the-wire check (tcpdump)
+#   PEERS_FEATURES=0    skip features.sh (e.g. for unbound-shim.sh, which has
+#                       no cache, pins, forwarding or --config)
+#
+# The checks of the newer features (cache, SPKI pins, --forward, --config
+# and SIGHUP, padding on the wire, edns-tcp-keepalive) are in features.sh,
+# sourced from here. The padding check needs tcpdump and python3 and root
+# (capture on lo); without them it is skipped, not failed.
 set -euo pipefail
 
 if [ "$#" -ne 1 ]; then
@@ -56,6 +65,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/dotproxy-peers.XXXXXX")
 PIDS=()
 PASSES=0
 FAILS=0
+SKIPS=0
 FAILED=()
 PROXY_PID=
 UNBOUND_PID=
@@ -65,6 +75,11 @@ log() { printf '==> %s\n' "$*"; }
 pass() {
     printf 'PASS  %s\n' "$1"
     PASSES=$((PASSES + 1))
+}
+
+skip() {
+    printf 'SKIP  %s%s\n' "$1" "${2:+  ($2)}"
+    SKIPS=$((SKIPS + 1))
 }
 
 fail() {
@@ -304,6 +319,9 @@ if [ "$ready" != 1 ]; then
 fi
 
 # ---------------------------------------------------------------- helpers
+# shellcheck source-path=SCRIPTDIR source=features.sh
+. "$(dirname "${BASH_SOURCE[0]}")/features.sh"
+
 # status_of TEXT: first rcode found in dig/kdig/mdig output
 status_of() {
     grep -o 'status: [A-Z]*' <<<"$1" | head -n 1 | cut -d' ' -f2
@@ -585,6 +603,10 @@ for probe in "GET /healthz 200" "GET /nope 404" "POST /metrics 405"; do
     fi
 done
 
+if [ "${PEERS_FEATURES:-1}" != 0 ]; then
+    peer_features
+fi
+
 log "proxy process"
 if is_running "$PROXY_PID"; then
     rss=$(sed -n 's/^VmRSS:[[:space:]]*//p' "/proc/$PROXY_PID/status" 2>/dev/null || true)
@@ -618,8 +640,16 @@ if [ -s "$WORK/proxy.log" ]; then
         "$(grep -ciE 'warn|error' "$WORK/proxy.log" || true) mentioning warn/error"
 fi
 
+if [ "${PEERS_FEATURES:-1}" != 0 ]; then
+    peer_features_final
+fi
+
 echo
-echo "peers: $PASSES passed, $FAILS failed"
+if [ "$SKIPS" -gt 0 ]; then
+    echo "peers: $PASSES passed, $FAILS failed, $SKIPS skipped"
+else
+    echo "peers: $PASSES passed, $FAILS failed"
+fi
 if [ "$FAILS" -ne 0 ]; then
     printf '  failed: %s\n' "${FAILED[@]}"
     exit 1
