@@ -750,6 +750,34 @@ pub fn pad_query(out: &mut Vec<u8>, msg: &[u8], info: &QueryInfo, block: u16, ke
     put_u16(out, rdlen_at, rdlen);
 }
 
+/// Copy `answer` into `out` without its Extended DNS Error options.
+/// `false` (and `out` unspecified) when there is nothing to remove or the
+/// OPT is not the last record.
+pub fn without_ede(out: &mut Vec<u8>, answer: &[u8]) -> bool {
+    out.clear();
+    let Ok(w) = walk(answer) else { return false };
+    let Some(o) = w.opt.filter(|o| o.end == w.end) else {
+        return false;
+    };
+    let Some(rdata) = answer.get(o.rdata..o.end) else {
+        return false;
+    };
+    if !options(rdata).any(|r| r.is_ok_and(|(code, _)| code == OPT_EDE)) {
+        return false;
+    }
+    out.extend_from_slice(answer.get(..o.rdata).unwrap_or_default());
+    for (code, data) in options(rdata).flatten() {
+        if code != OPT_EDE {
+            out.extend_from_slice(&code.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            out.extend_from_slice(data);
+        }
+    }
+    let rdlen = out.len() - o.rdata;
+    put_u16(out, o.rdata - 2, rdlen as u16);
+    true
+}
+
 /// What the upstream said about its connection in an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HopInfo {

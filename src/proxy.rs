@@ -918,6 +918,11 @@ impl Proxy {
                         rcode::REFUSED as u16,
                         Some((ede::OTHER, "busy")),
                     );
+                    if reply.len() > msg.len() {
+                        // Under a flood of (maybe spoofed) queries, never
+                        // answer with more bytes than were sent: drop the EDE.
+                        dns::build_error(&mut reply, &msg, Some(&info), rcode::REFUSED as u16, None);
+                    }
                     self.deliver(origin, &msg, Some(&info), &reply, false);
                     self.reply = reply;
                     self.put_buf(msg);
@@ -1240,6 +1245,9 @@ impl Proxy {
                 }
             }
             let id = dns::id(&self.frame).unwrap_or(0);
+            // Any whole message shows the server is alive (handshake bytes
+            // do not: a server can finish TLS and then say nothing).
+            conn.last_answer = Some(now);
             match conn.ids.take(id) {
                 Lookup::Live(q) => self.on_answer(key, id, q, now),
                 Lookup::Late => self.stats.late_answers += 1,
@@ -1294,9 +1302,7 @@ impl Proxy {
                 if let (Some(sent), Some(u)) = (p.sent, p.upstream) {
                     self.upstreams[u].observe(now.saturating_duration_since(sent.at));
                 }
-                if let Some(c) = self.conns.get_mut(conn) {
-                    c.last_answer = Some(now);
-                }
+
                 let Some(mut p) = self.settle(key) else { return };
                 self.stats.answers += 1;
                 let mut answer = std::mem::take(&mut self.frame);
@@ -1368,9 +1374,14 @@ impl Proxy {
                 let budget = info.map_or(512, |i| i.udp_budget(dns::MAX_UDP));
                 match info {
                     Some(info) if answer.len() > budget => {
-                        self.stats.truncated += 1;
                         let mut t = std::mem::take(&mut self.truncated);
-                        dns::build_truncated(&mut t, query, info, answer);
+                        // RFC 8914 §3: extended errors go first; truncate
+                        // only if the answer is still too big without them.
+                        let fits = dns::without_ede(&mut t, answer) && t.len() <= budget;
+                        if !fits {
+                            self.stats.truncated += 1;
+                            dns::build_truncated(&mut t, query, info, answer);
+                        }
                         self.udp_send(listener, peer, &t);
                         self.truncated = t;
                     }
@@ -1417,9 +1428,17 @@ impl Proxy {
         let _ = self.poll.registry().deregister(conn.source());
         let u = conn.upstream;
         self.upstreams[u].conns.retain(|&c| c != key);
-        if reason.is_failure(conn.was_ready, conn.last_answer.is_some(), conn.ids.live() > 0) {
+        let failed = reason.is_failure(conn.was_ready, conn.last_answer.is_some(), conn.ids.live() > 0);
+        // A stream that broke after a good handshake (a garbage frame or
+        // record) is likely this connection's trouble: its queries get their
+        // re-send even when this is the only upstream, and the back-off
+        // starts after. A server that refuses, fails the handshake or hangs
+        // up without answering gets the back-off first, so retries do not
+        // hammer it.
+        let resend_first = failed && conn.was_ready && matches!(reason, CloseReason::BadFrame(_) | CloseReason::Tls(_));
+        if failed && !resend_first {
             self.upstream_failed(u, &reason, now);
-        } else {
+        } else if !failed {
             debug!("upstream {}: connection closed: {reason}", self.upstreams[u].cfg);
         }
         let mut retry = std::mem::take(&mut self.retry);
@@ -1447,6 +1466,9 @@ impl Proxy {
             }
         }
         self.retry = retry;
+        if resend_first {
+            self.upstream_failed(u, &reason, now);
+        }
     }
 
     // ---- end of turn ----
@@ -1536,7 +1558,7 @@ impl Proxy {
         if let Some(sent) = p.sent {
             if let Some(conn) = self.conns.get_mut(sent.conn).filter(|c| c.gen == sent.conn_gen) {
                 conn.ids.bury(sent.id, q);
-                if conn.was_ready && conn.last_read <= sent.at {
+                if conn.was_ready && conn.last_answer.is_none_or(|t| t <= sent.at) {
                     stalled = Some(sent.conn);
                 } else if conn.ids.tombstones() > MAX_TOMBSTONES && conn.state != ConnState::Draining {
                     debug!(

@@ -92,7 +92,10 @@ impl CloseReason {
     pub fn is_failure(&self, was_ready: bool, answered: bool, in_flight: bool) -> bool {
         match self {
             CloseReason::Idle | CloseReason::Recycled | CloseReason::Shutdown => false,
-            CloseReason::Stalled | CloseReason::Tls(_) | CloseReason::BadFrame(_) => true,
+            CloseReason::Tls(_) | CloseReason::BadFrame(_) => true,
+            // One slow answer on a connection that has been answering is
+            // not an outage: replace the connection, keep the upstream.
+            CloseReason::Stalled => !answered,
             _ => !was_ready || (in_flight && !answered),
         }
     }
