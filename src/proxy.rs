@@ -882,14 +882,6 @@ impl Proxy {
                         cache_key = Some(Box::<[u8]>::from(self.key_buf.as_slice()));
                     }
                 }
-                // Rewritten once, re-sent as is: padding hides the query's
-                // size on the wire, keepalive asks for the server's timeout.
-                let mut msg = msg;
-                if self.padding > 0 {
-                    let mut padded = self.take_buf();
-                    dns::pad_query(&mut padded, &msg, &info, self.padding, true);
-                    self.put_buf(std::mem::replace(&mut msg, padded));
-                }
                 let ip = match origin {
                     Origin::Udp { peer, .. } => peer.ip(),
                     Origin::Tcp { key, .. } => self
@@ -927,6 +919,14 @@ impl Proxy {
                     self.reply = reply;
                     self.put_buf(msg);
                     return;
+                }
+                // Rewritten once, re-sent as is: padding hides the query's
+                // size on the wire, keepalive asks for the server's timeout.
+                let mut msg = msg;
+                if self.padding > 0 {
+                    let mut padded = self.take_buf();
+                    dns::pad_query(&mut padded, &msg, &info, self.padding, true);
+                    self.put_buf(std::mem::replace(&mut msg, padded));
                 }
                 *self.per_ip.entry(ip).or_insert(0) += 1;
                 if let Origin::Tcp { key, .. } = origin {

@@ -4,6 +4,14 @@
 mod basic;
 mod cli;
 mod failures;
+mod fault_client;
+mod fault_edns;
+mod fault_ids;
+mod fault_metrics;
+mod fault_resources;
+mod fault_tcp;
+mod fault_tls;
+mod fault_upstream;
 mod features;
 mod harness;
 mod malformed;

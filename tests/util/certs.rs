@@ -178,6 +178,22 @@ impl TestCa {
         self.leaf_with(names, Validity::NotYetValid)
     }
 
+    /// A leaf whose subject CN is `cn` but whose SANs are `sans` (names
+    /// are checked against the SANs only).
+    pub fn leaf_cn_san(&self, cn: &str, sans: &[&str]) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut params = leaf_params(sans, Validity::Valid);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign leaf");
+        Leaf {
+            chain: vec![cert.der().clone()],
+            cert_pem: cert.pem(),
+            key_der: key.serialize_der(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     pub fn leaf_with(&self, names: &[&str], validity: Validity) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
         let params = leaf_params(names, validity);

@@ -266,6 +266,7 @@ pub fn udp_bulk(
     deadline: Instant,
 ) -> UdpBulk {
     let sock = udp_socket();
+    super::net::set_udp_rcvbuf(&sock, 8 << 20);
     sock.connect(addr).expect("udp connect");
     let mut index = std::collections::HashMap::new();
     for (i, q) in queries.iter().enumerate() {

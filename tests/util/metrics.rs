@@ -315,7 +315,7 @@ pub fn quiescent_idle(proxy: &TestProxy, baseline_fds: usize) {
 /// SERVFAIL is retried every 100 ms for up to 3 s.
 pub fn assert_serving(proxy: &TestProxy) {
     static N: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let name = "final.quiescence.example";
+    let name = super::upstream::QUIESCENCE_NAME;
     let deadline = deadline_ms(3000);
     // Bounded by the deadline (and 30 tries).
     for _ in 0..30 {

@@ -85,6 +85,27 @@ pub fn set_rcvbuf(stream: &TcpStream, bytes: i32) {
     }
 }
 
+/// Sets a big receive buffer on a UDP socket (SO_RCVBUFFORCE when allowed,
+/// else SO_RCVBUF up to rmem_max): a burst of a thousand small answers
+/// overflows the default ~208 KB, since each datagram costs ~1 KB of it.
+pub fn set_udp_rcvbuf(sock: &std::net::UdpSocket, bytes: i32) {
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: valid fd, pointer/length of a live c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
 /// A plain TCP server on 127.0.0.1:0: records every byte each connection
 /// sends; on a connection's first bytes it writes `reply` (if any) and then
 /// keeps reading until the peer closes, the server stops or 5 s pass.

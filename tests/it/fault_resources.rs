@@ -1,0 +1,363 @@
+//! Catalogue groups R (resources and load) and L (lifecycle),
+//! reliability.md §3.2: per-address and connection limits, running out of
+//! file descriptors, CPU when idle or when the upstream is down, memory
+//! ceilings, SIGTERM with work in flight, clients vanishing mid-write.
+
+use std::io::Write;
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::it::basic::assert_default_answer;
+use crate::util::client::udp_bulk;
+use crate::util::dns::{frame, Message, RCODE_NOERROR, RCODE_SERVFAIL};
+use crate::util::net::{reset, set_rcvbuf};
+use crate::util::wire::{ede_of, query_opt, OptSpec, RCODE_REFUSED};
+use crate::util::{
+    dead_port, deadline_ms, query, quiescent, quiescent_idle, run_to_exit, tcp_exchange, udp_exchange, udp_exchange_on,
+    udp_recv, udp_socket, wait_until, Script, Setup, TcpClient, TcpEvent, TestCa, TestProxy, NAME,
+};
+
+/// R1: one address floods a slow upstream; `--max-inflight-per-ip 50`
+/// holds it to 50 in flight, the rest get REFUSED at once (no bigger than
+/// the query); a client on 127.0.0.2 is answered meanwhile;
+/// memory stays bounded.
+#[test]
+fn r1_per_address_in_flight_cap() {
+    let (s, fds) = Setup::observed(
+        Script::delayed(Duration::from_millis(300)),
+        2000,
+        &["--max-inflight-per-ip", "50"],
+    );
+    let qs: Vec<_> = (0..5000u16)
+        .map(|i| query_opt(i, &format!("f{i}.example"), OptSpec::new(1232)))
+        .collect();
+    let other = UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    let addr = s.proxy.udp_addr();
+    let t0 = Instant::now();
+    let (flood, other_answer) = std::thread::scope(|sc| {
+        let h = sc.spawn(|| udp_bulk(addr, &qs, 5000, None, deadline_ms(5000)));
+        std::thread::sleep(Duration::from_millis(50));
+        let r = udp_exchange_on(&other, addr, &query(0x0202, "other.example"), deadline_ms(2000));
+        (h.join().unwrap(), r)
+    });
+    assert_default_answer(&other_answer.expect("second address starved"), 0x0202, "other.example");
+    let (mut ok, mut refused) = (0, 0);
+    for (i, a) in flood.answers.iter().enumerate() {
+        let Some(a) = a else { continue };
+        let m = Message::must(a);
+        match m.rcode {
+            RCODE_NOERROR => ok += 1,
+            RCODE_REFUSED => {
+                refused += 1;
+                // No amplification: the EDE "busy" is only added when it
+                // fits within the query's size (see the test below).
+                assert!(
+                    a.len() <= qs[i].len(),
+                    "REFUSED of {} bytes to a {}-byte query",
+                    a.len(),
+                    qs[i].len()
+                );
+            }
+            rc => panic!("query {i}: rcode {rc}"),
+        }
+    }
+    eprintln!("r1: {ok} answered, {refused} refused of 5000 in {:?}", t0.elapsed());
+    assert!((50..=500).contains(&ok), "{ok} answered with a cap of 50 in flight");
+    assert!(refused >= 4000, "{refused} refused");
+    assert!(
+        flood.answered() >= 4900,
+        "only {} of 5000 got any reply",
+        flood.answered()
+    );
+    let m = s.proxy.metrics();
+    assert!(m.rejected("busy") >= refused as f64);
+    let hwm = s.proxy.vm_hwm_kb();
+    assert!(hwm < 64 * 1024, "VmHWM {hwm} kB");
+    quiescent(&s.proxy, fds);
+}
+
+/// R1, amplification (README "Security and limits": REFUSED "no bigger
+/// than the query"): the busy REFUSED to an EDNS query without options
+/// must not outgrow it (drop the EDE text, or the EDE, when it would).
+#[test]
+fn r1_busy_refused_no_bigger_than_the_query() {
+    let (s, fds) = Setup::observed(Script::silent(), 1000, &["--max-inflight-per-ip", "1"]);
+    let sock = udp_socket();
+    sock.send_to(&query(1, "hold.example"), s.proxy.udp_addr()).unwrap();
+    let q = query_opt(2, "b.example", OptSpec::new(1232));
+    let r = udp_exchange_on(&sock, s.proxy.udp_addr(), &q, deadline_ms(2000)).expect("no REFUSED");
+    assert_eq!(Message::must(&r).rcode, RCODE_REFUSED);
+    assert!(
+        r.len() <= q.len(),
+        "REFUSED of {} bytes to a {}-byte query",
+        r.len(),
+        q.len()
+    );
+    quiescent_idle(&s.proxy, fds);
+}
+
+/// R2: `--max-tcp-clients 20`: 30 connections at once, 20 served and 10
+/// closed at once; then 200 short-lived clients x 4 queries from 4 threads
+/// are all answered.
+#[test]
+fn r2_many_tcp_clients() {
+    let (s, fds) = Setup::observed(Script::default(), 2000, &["--max-tcp-clients", "20"]);
+    let mut conns: Vec<TcpClient> = (0..30).map(|_| TcpClient::connect(s.proxy.tcp_addr())).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let (mut served, mut closed) = (0, 0);
+    for (i, c) in conns.iter_mut().enumerate() {
+        let _ = c.stream.write_all(&frame(&query(i as u16, "many.example")));
+        match c.next_event(deadline_ms(1000)) {
+            TcpEvent::Frame(f) => {
+                assert_default_answer(&f, i as u16, "many.example");
+                served += 1;
+            }
+            TcpEvent::Closed { .. } | TcpEvent::Error(_) => closed += 1,
+            TcpEvent::Timeout => panic!("connection {i}: neither served nor closed"),
+        }
+    }
+    assert_eq!((served, closed), (20, 10));
+    assert_eq!(s.proxy.metrics().sum("dotproxy_tcp_connections_refused_total"), 10.0);
+    drop(conns);
+    let (_, ok) = s.proxy.wait_metrics(deadline_ms(2000), |m| m.tcp_clients() == 0.0);
+    assert!(ok);
+    let addr = s.proxy.tcp_addr();
+    std::thread::scope(|sc| {
+        for t in 0..4u16 {
+            sc.spawn(move || {
+                for k in 0..50u16 {
+                    let mut c = TcpClient::connect(addr);
+                    let msgs: Vec<_> = (0..4u16)
+                        .map(|j| query(t * 1000 + k * 4 + j, "short.example"))
+                        .collect();
+                    c.send_many(&msgs);
+                    let got = c.recv_n(4, deadline_ms(2000));
+                    assert_eq!(got.len(), 4, "thread {t} client {k}: {} answers", got.len());
+                }
+            });
+        }
+    });
+    quiescent(&s.proxy, fds);
+}
+
+/// R3: with RLIMIT_NOFILE lowered to 64 (prlimit) and 100 clients
+/// connecting, accept fails with EMFILE: the loop must not spin (CPU over
+/// 2 s ~ 0), UDP keeps working, and accepting resumes once clients leave.
+#[test]
+fn r3_out_of_file_descriptors_no_spin() {
+    let (s, fds) = Setup::observed(Script::default(), 2000, &[]);
+    let pid = s.proxy.pid().to_string();
+    let r = udp_exchange(s.proxy.udp_addr(), &query(1, "warm.example"), deadline_ms(2000));
+    assert!(r.is_some());
+    let st = Command::new("prlimit").args(["--pid", &pid, "--nofile=64:64"]).status();
+    match st {
+        Ok(st) if st.success() => {}
+        other => {
+            eprintln!("r3: prlimit unavailable ({other:?}); skipped");
+            return;
+        }
+    }
+    let clients: Vec<TcpClient> = (0..100).map(|_| TcpClient::connect(s.proxy.tcp_addr())).collect();
+    // EMFILE is "os error 24".
+    assert!(
+        s.proxy.wait_for_log("os error 24", deadline_ms(2000)),
+        "no accept error logged with 100 clients and 64 fds"
+    );
+    let fds_now = s.proxy.open_fds();
+    assert!(fds_now <= 66, "{fds_now} fds open with a limit of 64");
+    let cpu0 = s.proxy.cpu_ticks();
+    std::thread::sleep(Duration::from_millis(2000));
+    let cpu = s.proxy.cpu_ticks() - cpu0;
+    assert!(cpu <= 20, "{cpu} ticks of CPU in 2 s while out of fds: a busy loop");
+    let r = udp_exchange(s.proxy.udp_addr(), &query(2, "udp-still.example"), deadline_ms(2000));
+    assert_default_answer(&r.expect("UDP while out of fds"), 2, "udp-still.example");
+    drop(clients);
+    let ok = wait_until(deadline_ms(3000), || {
+        tcp_exchange(s.proxy.tcp_addr(), &query(3, "after.example"), deadline_ms(500)).is_some()
+    });
+    assert!(ok, "accepting did not resume after the clients left");
+    quiescent(&s.proxy, fds);
+}
+
+/// R6: CPU use ~0 while idle with a connection open, and while the only
+/// upstream is down (no timer or reconnect spin).
+#[test]
+fn r6_idle_and_upstream_down_cpu_near_zero() {
+    let (idle, idle_fds) = Setup::observed(Script::default(), 2000, &[]);
+    assert!(udp_exchange(idle.proxy.udp_addr(), &query(1, "idle.example"), deadline_ms(2000)).is_some());
+    let ca = TestCa::new();
+    let down_arg = format!("127.0.0.1:{}#{NAME}", dead_port());
+    let down = TestProxy::start(&[
+        "--upstream",
+        &down_arg,
+        "--ca-file",
+        ca.pem_path_str(),
+        "--timeout",
+        "1000",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let down_fds = down.baseline_fds();
+    let r = udp_exchange(down.udp_addr(), &query(2, "down.example"), deadline_ms(2000));
+    assert_eq!(Message::must(&r.expect("down")).rcode, RCODE_SERVFAIL);
+    let (a0, b0) = (idle.proxy.cpu_ticks(), down.cpu_ticks());
+    std::thread::sleep(Duration::from_millis(2000));
+    let (a, b) = (idle.proxy.cpu_ticks() - a0, down.cpu_ticks() - b0);
+    assert!(a <= 3, "idle proxy used {a} ticks in 2 s");
+    assert!(b <= 3, "proxy with its upstream down used {b} ticks in 2 s");
+    quiescent(&idle.proxy, idle_fds);
+    quiescent_idle(&down, down_fds);
+}
+
+/// R7: 500 queries pile up against a stalled upstream (cap 100 per
+/// address), then it dies: every query gets exactly one reply, the
+/// SERVFAIL burst is bounded by the cap, no reply is bigger than its query.
+#[test]
+fn r7_stalled_upstream_dies_bounded_burst() {
+    let (mut s, fds) = Setup::observed(Script::silent(), 3000, &["--max-inflight-per-ip", "100"]);
+    let qs: Vec<_> = (0..500u16).map(|i| query(i, &format!("pile{i}.example"))).collect();
+    let addr = s.proxy.udp_addr();
+    let sock = udp_socket();
+    crate::util::net::set_udp_rcvbuf(&sock, 8 << 20);
+    sock.connect(addr).unwrap();
+    for q in &qs {
+        sock.send(q).unwrap();
+    }
+    let (_, ok) = s.proxy.wait_metrics(deadline_ms(2000), |m| m.inflight() == 100.0);
+    assert!(ok, "in flight never reached the cap of 100");
+    s.upstream.stop();
+    let mut rc = std::collections::HashMap::new();
+    let mut got = vec![0u8; qs.len()];
+    let mut buf = vec![0u8; 65536];
+    let deadline = deadline_ms(4000);
+    // Bounded by the deadline and 2 x 500 datagrams.
+    for _ in 0..1000 {
+        if got.iter().all(|&n| n == 1) || Instant::now() >= deadline {
+            break;
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let Ok(n) = sock.recv(&mut buf) else { continue };
+        let m = Message::must(&buf[..n]);
+        let i = m.id as usize;
+        assert!(n <= qs[i].len(), "reply of {n} bytes to a {}-byte query", qs[i].len());
+        got[i] += 1;
+        *rc.entry(m.rcode).or_insert(0) += 1;
+    }
+    assert!(
+        got.iter().all(|&n| n == 1),
+        "not exactly one reply each: {:?}",
+        got.iter().filter(|&&n| n != 1).count()
+    );
+    assert_eq!(rc.get(&RCODE_REFUSED), Some(&400), "{rc:?}");
+    assert_eq!(rc.get(&RCODE_SERVFAIL), Some(&100), "{rc:?}");
+    quiescent_idle(&s.proxy, fds);
+}
+
+/// L1: SIGTERM with queries in flight: new work is refused, what is in
+/// flight is answered (the upstream answers in 300 ms) or SERVFAIL, the
+/// upstream sees close_notify, the exit status is 0.
+#[test]
+fn l1_sigterm_with_queries_in_flight() {
+    let mut s = Setup::with_timeout(Script::delayed(Duration::from_millis(300)), 2000);
+    let udp: Vec<_> = (0..10u16)
+        .map(|i| {
+            let sock = udp_socket();
+            sock.send_to(&query(i, &format!("u{i}.example")), s.proxy.udp_addr())
+                .unwrap();
+            sock
+        })
+        .collect();
+    let mut tcp = TcpClient::connect(s.proxy.tcp_addr());
+    tcp.send_many(
+        &(0..5u16)
+            .map(|i| query(100 + i, &format!("t{i}.example")))
+            .collect::<Vec<_>>(),
+    );
+    assert!(s.upstream.wait_until(deadline_ms(2000), |st| st.queries.len() >= 15));
+    let t0 = Instant::now();
+    s.proxy.kill_term();
+    std::thread::sleep(Duration::from_millis(50));
+    // No new work: a new UDP query goes unanswered, a new TCP connection is
+    // refused or closed.
+    let late = udp_socket();
+    late.send_to(&query(999, "late.example"), s.proxy.udp_addr()).unwrap();
+    match std::net::TcpStream::connect_timeout(&s.proxy.tcp_addr(), Duration::from_millis(300)) {
+        Err(_) => {}
+        Ok(st) => {
+            let mut c = TcpClient::from_stream(st);
+            let _ = c.stream.write_all(&frame(&query(998, "late-tcp.example")));
+            assert!(
+                c.recv(deadline_ms(1000)).is_none(),
+                "a new TCP query was answered after SIGTERM"
+            );
+        }
+    }
+    for (i, sock) in udp.iter().enumerate() {
+        let r = udp_recv(sock, deadline_ms(3000)).unwrap_or_else(|| panic!("udp {i}: no reply after SIGTERM"));
+        let m = Message::must(&r);
+        assert_eq!(m.id, i as u16);
+        assert!(
+            matches!(m.rcode, RCODE_NOERROR | RCODE_SERVFAIL),
+            "udp {i}: rcode {}",
+            m.rcode
+        );
+    }
+    let answers = tcp.recv_n(5, deadline_ms(3000));
+    assert_eq!(answers.len(), 5, "TCP answers lost at shutdown");
+    let st = s
+        .proxy
+        .wait_exit(Duration::from_secs(4))
+        .expect("still running 4 s after SIGTERM");
+    assert_eq!(st.code(), Some(0), "{st:?}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "drain took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        udp_recv(&late, deadline_ms(50)).is_none(),
+        "a query sent after SIGTERM was answered"
+    );
+    assert!(
+        s.upstream.wait_until(deadline_ms(2000), |st| st.peer_close_notify >= 1),
+        "no close_notify at shutdown: {:?}",
+        s.upstream.stats().peer_eof
+    );
+}
+
+/// L2: clients reset their connections while the proxy is writing big
+/// answers to them: no death by SIGPIPE, nothing leaked, still serving.
+#[test]
+fn l2_client_reset_mid_write() {
+    let (mut s, fds) = Setup::observed(Script::default(), 2000, &[]);
+    for round in 0..5u16 {
+        let c = TcpClient::connect(s.proxy.tcp_addr());
+        set_rcvbuf(&c.stream, 4096);
+        let mut buf = Vec::new();
+        for i in 0..40u16 {
+            buf.extend_from_slice(&frame(&query(round * 100 + i, "txt200.example")));
+        }
+        let mut c = c;
+        c.stream.write_all(&buf).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        reset(c.stream);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(s.proxy.alive(), "proxy died (SIGPIPE?)");
+    quiescent(&s.proxy, fds);
+}
+
+/// L3: an upstream on port 53 (plain DNS) or without a name is refused at
+/// start with one line and status 2.
+#[test]
+fn l3_refuses_port_53_and_unnamed_upstreams() {
+    for (spec, needle) in [("127.0.0.1:53#dns.test", "53"), ("127.0.0.1:853", "#NAME")] {
+        let out = run_to_exit(&["--listen", "127.0.0.1:0", "--upstream", spec], Duration::from_secs(5));
+        let st = out.status.expect("did not exit");
+        assert_eq!(st.code(), Some(2), "{spec}: {st:?}");
+        let lines: Vec<_> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{spec}: {lines:?}");
+        assert!(lines[0].contains(needle), "{spec}: {}", lines[0]);
+    }
+}
