@@ -12,7 +12,7 @@ use crate::it::basic::assert_default_answer;
 use crate::util::client::udp_bulk;
 use crate::util::dns::{frame, Message, RCODE_NOERROR, RCODE_SERVFAIL};
 use crate::util::net::{reset, set_rcvbuf};
-use crate::util::wire::{ede_of, query_opt, OptSpec, RCODE_REFUSED};
+use crate::util::wire::{query_opt, OptSpec, RCODE_REFUSED};
 use crate::util::{
     dead_port, deadline_ms, query, quiescent, quiescent_idle, run_to_exit, tcp_exchange, udp_exchange, udp_exchange_on,
     udp_recv, udp_socket, wait_until, Script, Setup, TcpClient, TcpEvent, TestCa, TestProxy, NAME,
