@@ -58,7 +58,9 @@ OPTIONS:
                                   beyond it new connections are closed at once
       --max-tcp-pipeline N        queries in flight per TCP connection (default
                                   256); further queries wait in its buffer
-      --tcp-idle-timeout MS       close a TCP client that completes no query and
+      --max-query-size BYTES      largest query accepted from a client (default 4096,
+                                  512 to 65535); larger ones get FORMERR
+      --tcp-idle-timeout MS        close a TCP client that completes no query and
                                   has no answer pending for this long; also bounds
                                   a slowly trickled query (default 10000)
       --config FILE               read more options from FILE, one per line as
@@ -157,6 +159,8 @@ pub struct Limits {
     pub max_inflight_per_ip: u32,
     pub max_tcp_clients: usize,
     pub max_tcp_pipeline: u32,
+    /// Largest client query accepted, in bytes.
+    pub max_query_size: usize,
     pub tcp_idle: Duration,
 }
 
@@ -167,6 +171,7 @@ impl Default for Limits {
             max_inflight_per_ip: 1000,
             max_tcp_clients: 1024,
             max_tcp_pipeline: 256,
+            max_query_size: 4096,
             tcp_idle: Duration::from_secs(10),
         }
     }
@@ -391,6 +396,9 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     }
     if let Some(n) = number(&mut p, "--max-tcp-pipeline", 1, 65_535)? {
         limits.max_tcp_pipeline = n as u32;
+    }
+    if let Some(n) = number(&mut p, "--max-query-size", 512, 65_535)? {
+        limits.max_query_size = n as usize;
     }
     if let Some(n) = number(&mut p, "--tcp-idle-timeout", 100, 3_600_000)? {
         limits.tcp_idle = Duration::from_millis(n);

@@ -845,7 +845,20 @@ impl Proxy {
     // ---- queries ----
 
     fn handle_query(&mut self, msg: Vec<u8>, origin: Origin, now: Instant) {
-        match dns::parse_query(&msg) {
+        let is_answer = msg.get(2).is_some_and(|b| b & 0x80 != 0);
+        let checked = if msg.len() > self.limits.max_query_size && msg.len() >= dns::HEADER_LEN && !is_answer {
+            // Real queries are a few hundred bytes; a huge one is not worth
+            // parsing or forwarding. The header can still be answered.
+            Err(Reject::Answer {
+                rcode: u16::from(rcode::FORMERR),
+                info: None,
+                why: "query larger than --max-query-size",
+                ede: None,
+            })
+        } else {
+            dns::parse_query(&msg)
+        };
+        match checked {
             Err(Reject::Drop(why)) => {
                 self.stats.dropped += 1;
                 debug!("dropped query from {}: {why}", self.peer_of(origin));

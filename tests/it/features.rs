@@ -362,3 +362,34 @@ fn reuseport_lets_processes_share_a_port() {
     assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("cannot listen"), "{}", out.stderr);
 }
+
+/// `--max-query-size`: a larger query gets FORMERR (over UDP and TCP, the
+/// connection stays usable); raising the limit lets it through.
+#[test]
+fn oversized_queries_get_formerr() {
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::default());
+    let big = crate::util::wire::query_opt(
+        0x7001,
+        "big-query.example",
+        crate::util::wire::OptSpec::new(1232).option(65001, &[7; 4500]),
+    );
+    assert!(big.len() > 4096);
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &[]);
+    let r = udp_exchange(proxy.udp_addr(), &big, deadline_ms(3000)).expect("FORMERR over UDP");
+    let m = Message::must(&r);
+    assert_eq!((m.id, m.rcode), (0x7001, 1));
+    assert!(r.len() < 100);
+    let mut c = crate::util::TcpClient::connect(proxy.tcp_addr());
+    let r = c.exchange(&big, deadline_ms(3000)).expect("FORMERR over TCP");
+    assert_eq!(Message::must(&r).rcode, 1);
+    let r = c
+        .exchange(&query(0x7002, "after.example"), deadline_ms(3000))
+        .expect("connection still usable");
+    assert_default_answer(&r, 0x7002, "after.example");
+    assert_eq!(up.query_count(), 1);
+    let roomy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--max-query-size", "8192"]);
+    let r = crate::util::tcp_exchange(roomy.tcp_addr(), &big, deadline_ms(3000)).expect("answer");
+    assert_eq!(Message::must(&r).rcode, 0);
+    assert_eq!(up.query_count(), 2);
+}
