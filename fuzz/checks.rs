@@ -813,7 +813,33 @@ pub fn parse_response(data: &[u8]) {
     check_response(query, resp);
 }
 
+/// What the cache does to an answer: its lifetime is bounded, ageing the
+/// TTLs changes only TTL fields, and an aged answer still walks the same.
+fn check_cache(resp: &[u8]) {
+    let mut offsets = Vec::new();
+    let Some(ttl) = dns::cache_ttl(resp, &mut offsets) else { return };
+    assert!(ttl > 0 && ttl <= 86_400, "cache ttl {ttl}");
+    assert!(dns::walk(resp).is_ok(), "cached an answer that does not walk");
+    let mut aged = resp.to_vec();
+    dns::age_ttls(&mut aged, &offsets, 3600);
+    assert_eq!(aged.len(), resp.len());
+    let changed: Vec<usize> = (0..resp.len()).filter(|&i| aged[i] != resp[i]).collect();
+    for i in changed {
+        assert!(
+            offsets.iter().any(|&o| (usize::from(o)..usize::from(o) + 4).contains(&i)),
+            "ageing changed byte {i}, not a TTL"
+        );
+    }
+    assert_eq!(dns::walk(&aged).map(|w| w.end), dns::walk(resp).map(|w| w.end));
+    // Zone matching on the answer's own name never panics and is reflexive.
+    if let Ok((name, _)) = dns::read_name(resp, HEADER, true) {
+        assert!(dns::in_zone(name.as_bytes(), name.as_bytes()));
+        assert!(dns::in_zone(name.as_bytes(), &[0]));
+    }
+}
+
 fn check_response(query: &[u8], resp: &[u8]) {
+    check_cache(resp);
     let result = dns::parse_response(query, resp);
     let verdict = match &result {
         Ok(_) => Verdict::Ok,
