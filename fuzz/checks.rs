@@ -817,7 +817,9 @@ pub fn parse_response(data: &[u8]) {
 /// TTLs changes only TTL fields, and an aged answer still walks the same.
 fn check_cache(resp: &[u8]) {
     let mut offsets = Vec::new();
-    let Some(ttl) = dns::cache_ttl(resp, &mut offsets) else { return };
+    let Some(ttl) = dns::cache_ttl(resp, &mut offsets) else {
+        return;
+    };
     assert!(ttl > 0 && ttl <= 86_400, "cache ttl {ttl}");
     assert!(dns::walk(resp).is_ok(), "cached an answer that does not walk");
     let mut aged = resp.to_vec();
@@ -826,7 +828,9 @@ fn check_cache(resp: &[u8]) {
     let changed: Vec<usize> = (0..resp.len()).filter(|&i| aged[i] != resp[i]).collect();
     for i in changed {
         assert!(
-            offsets.iter().any(|&o| (usize::from(o)..usize::from(o) + 4).contains(&i)),
+            offsets
+                .iter()
+                .any(|&o| (usize::from(o)..usize::from(o) + 4).contains(&i)),
             "ageing changed byte {i}, not a TTL"
         );
     }
