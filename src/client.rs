@@ -45,6 +45,8 @@ pub struct Client {
     out: Vec<u8>,
     written: usize,
     pub in_flight: u32,
+    /// Queries taken from this connection so far.
+    pub queries: u64,
     pub last_active: Instant,
     pub eof: bool,
     pub paused: bool,
@@ -62,6 +64,7 @@ impl Client {
             out: Vec::new(),
             written: 0,
             in_flight: 0,
+            queries: 0,
             last_active: now,
             eof: false,
             paused: false,

@@ -56,7 +56,16 @@ OPTIONS:
                                   1000); beyond it REFUSED
       --max-tcp-clients N         open TCP client connections (default 1024);
                                   beyond it new connections are closed at once
-      --max-tcp-pipeline N        queries in flight per TCP connection (default
+      --max-tcp-clients-per-ip N  open TCP client connections per client address
+                                  (default 64); beyond it closed at once
+      --max-tcp-queries N         queries one TCP client connection may send; after
+                                  N they are answered and the connection closed
+                                  (default 0 = no limit)
+      --max-upstream-conn-queries N
+                                  queries sent on one upstream connection before it
+                                  is replaced (in flight ones still answered;
+                                  default 0 = no limit)
+      --max-tcp-pipeline N         queries in flight per TCP connection (default
                                   256); further queries wait in its buffer
       --max-query-size BYTES      largest query accepted from a client (default 4096,
                                   512 to 65535); larger ones get FORMERR
@@ -161,6 +170,14 @@ pub struct Limits {
     pub max_tcp_pipeline: u32,
     /// Largest client query accepted, in bytes.
     pub max_query_size: usize,
+    /// TCP client connections per client address.
+    pub max_tcp_clients_per_ip: u32,
+    /// Queries one TCP client connection may send before it is closed
+    /// (0: no limit).
+    pub max_tcp_queries: u64,
+    /// Queries sent on one upstream connection before it is replaced
+    /// (0: no limit).
+    pub max_upstream_conn_queries: u64,
     pub tcp_idle: Duration,
 }
 
@@ -172,6 +189,9 @@ impl Default for Limits {
             max_tcp_clients: 1024,
             max_tcp_pipeline: 256,
             max_query_size: 4096,
+            max_tcp_clients_per_ip: 64,
+            max_tcp_queries: 0,
+            max_upstream_conn_queries: 0,
             tcp_idle: Duration::from_secs(10),
         }
     }
@@ -399,6 +419,15 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     }
     if let Some(n) = number(&mut p, "--max-query-size", 512, 65_535)? {
         limits.max_query_size = n as usize;
+    }
+    if let Some(n) = number(&mut p, "--max-tcp-clients-per-ip", 1, 1_000_000)? {
+        limits.max_tcp_clients_per_ip = n as u32;
+    }
+    if let Some(n) = number(&mut p, "--max-tcp-queries", 0, u64::from(u32::MAX))? {
+        limits.max_tcp_queries = n;
+    }
+    if let Some(n) = number(&mut p, "--max-upstream-conn-queries", 0, u64::from(u32::MAX))? {
+        limits.max_upstream_conn_queries = n;
     }
     if let Some(n) = number(&mut p, "--tcp-idle-timeout", 100, 3_600_000)? {
         limits.tcp_idle = Duration::from_millis(n);

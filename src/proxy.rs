@@ -262,6 +262,8 @@ pub struct Proxy {
     limits: Limits,
     allow: Vec<Cidr>,
     per_ip: HashMap<IpAddr, u32>,
+    /// Open TCP client connections per client address.
+    tcp_per_ip: HashMap<IpAddr, u32>,
     metrics: Option<TcpListener>,
     http: Slab<HttpConn>,
     padding: u16,
@@ -478,6 +480,7 @@ impl Proxy {
             limits: cfg.limits.clone(),
             allow: cfg.allow.clone(),
             per_ip: HashMap::new(),
+            tcp_per_ip: HashMap::new(),
             metrics,
             http: Slab::new(),
             padding: cfg.padding,
@@ -697,6 +700,19 @@ impl Proxy {
                         debug!("tcp client {peer} not in the access list; closed");
                         continue;
                     }
+                    let from_ip = self.tcp_per_ip.get(&peer.ip()).copied().unwrap_or(0);
+                    if from_ip >= self.limits.max_tcp_clients_per_ip {
+                        self.stats.tcp_refused += 1;
+                        let max = self.limits.max_tcp_clients_per_ip;
+                        self.notice(
+                            Notice::TcpClients,
+                            format_args!(
+                                "tcp client {} refused: --max-tcp-clients-per-ip {max} reached",
+                                peer.ip()
+                            ),
+                        );
+                        continue;
+                    }
                     if self.clients.len() >= self.limits.max_tcp_clients {
                         self.stats.tcp_refused += 1;
                         let max = self.limits.max_tcp_clients;
@@ -723,6 +739,7 @@ impl Proxy {
                         continue;
                     }
                     entry.insert(client);
+                    *self.tcp_per_ip.entry(peer.ip()).or_insert(0) += 1;
                     self.timers
                         .push(Reverse((now + self.limits.tcp_idle, Timer::ClientIdle { key, gen })));
                     // Data may have arrived with the handshake; the edge
@@ -773,9 +790,21 @@ impl Proxy {
             if c.in_flight >= self.limits.max_tcp_pipeline {
                 return;
             }
+            let cap = self.limits.max_tcp_queries;
+            if cap > 0 && c.queries >= cap {
+                // Its quota is used (a guard against endless connections,
+                // CVE-2025-30193): answer what is in flight, take nothing
+                // more, close.
+                c.eof = true;
+                if c.finished() {
+                    self.close_client(key);
+                }
+                return;
+            }
             match c.decoder.next_into(&mut self.frame) {
                 Ok(true) => {
                     let gen = c.gen;
+                    c.queries += 1;
                     c.last_active = now;
                     self.stats.queries_tcp += 1;
                     // Copied, not swapped: `frame` grows to the largest
@@ -825,6 +854,13 @@ impl Proxy {
     fn close_client(&mut self, key: usize) {
         if let Some(mut c) = self.clients.try_remove(key) {
             let _ = self.poll.registry().deregister(c.source());
+            let ip = c.peer.ip();
+            if let Some(n) = self.tcp_per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.tcp_per_ip.remove(&ip);
+                }
+            }
             debug!("tcp client {} closed", c.peer);
         }
     }
@@ -1045,6 +1081,13 @@ impl Proxy {
                 continue;
             };
             conn.queue(&p.msg, id, now);
+            conn.sent += 1;
+            let cap = self.limits.max_upstream_conn_queries;
+            if cap > 0 && conn.sent >= cap && !conn.draining {
+                // Rotated: this one finishes what it has, new queries go
+                // to a fresh connection.
+                conn.draining = true;
+            }
             p.attempts += 1;
             p.upstream = Some(u);
             p.sent = Some(Sent {
@@ -1275,7 +1318,7 @@ impl Proxy {
         }
         if let Some(conn) = self.conns.get_mut(key) {
             conn.decoder.shrink();
-            if conn.state == ConnState::Draining && conn.ids.live() == 0 {
+            if conn.draining && conn.ids.live() == 0 {
                 self.close_conn(key, CloseReason::Recycled, now);
             }
         }
@@ -1573,12 +1616,12 @@ impl Proxy {
                 conn.ids.bury(sent.id, q);
                 if conn.was_ready && conn.last_answer.is_none_or(|t| t <= sent.at) {
                     stalled = Some(sent.conn);
-                } else if conn.ids.tombstones() > MAX_TOMBSTONES && conn.state != ConnState::Draining {
+                } else if conn.ids.tombstones() > MAX_TOMBSTONES && !conn.draining {
                     debug!(
                         "upstream {}: too many late answers; replacing the connection",
                         self.upstreams[conn.upstream].cfg
                     );
-                    conn.state = ConnState::Draining;
+                    conn.draining = true;
                     if conn.ids.live() == 0 {
                         stalled = None;
                         self.close_conn(sent.conn, CloseReason::Recycled, now);
@@ -1961,14 +2004,14 @@ impl Proxy {
             }
             for &c in &u.conns {
                 if let Some(conn) = self.conns.get_mut(c) {
-                    conn.state = ConnState::Draining;
+                    conn.draining = true;
                 }
             }
         }
         let idle: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.state == ConnState::Draining && c.ids.live() == 0)
+            .filter(|(_, c)| c.draining && c.ids.live() == 0)
             .map(|(k, _)| k)
             .collect();
         for k in idle {

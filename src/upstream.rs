@@ -27,8 +27,6 @@ pub enum ConnState {
     Connecting,
     Handshaking,
     Ready,
-    /// Takes no new queries; closes when the last answer is in.
-    Draining,
 }
 
 impl std::fmt::Display for ConnState {
@@ -37,7 +35,6 @@ impl std::fmt::Display for ConnState {
             ConnState::Connecting => "connecting",
             ConnState::Handshaking => "handshaking",
             ConnState::Ready => "ready",
-            ConnState::Draining => "draining",
         })
     }
 }
@@ -131,6 +128,13 @@ pub struct UpstreamConn {
     pub idle: Duration,
     /// When the one idle timer of this connection is due, if armed.
     pub idle_at: Option<Instant>,
+    /// Queries sent on this connection so far.
+    pub sent: u64,
+    /// Takes no new queries and closes once the last answer is in: rotated,
+    /// retired by a reload, told by keepalive 0, or too many late answers.
+    /// A flag beside the state, since a connection may drain before its
+    /// handshake is done.
+    pub draining: bool,
 }
 
 impl UpstreamConn {
@@ -168,6 +172,8 @@ impl UpstreamConn {
             dirty: false,
             idle,
             idle_at: None,
+            sent: 0,
+            draining: false,
         })
     }
 
@@ -177,7 +183,7 @@ impl UpstreamConn {
 
     /// Whether new queries may be given to this connection.
     pub fn accepts_queries(&self) -> bool {
-        self.state != ConnState::Draining
+        !self.draining
     }
 
     /// Queue one query under the upstream ID `id`.
@@ -322,7 +328,7 @@ impl UpstreamConn {
     /// connection.
     pub fn keepalive(&mut self, timeout: u16) {
         if timeout == 0 {
-            self.state = ConnState::Draining;
+            self.draining = true;
         } else {
             // Leave a margin so our close_notify beats the server's close.
             let server = Duration::from_millis(u64::from(timeout) * 100);

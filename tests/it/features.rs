@@ -393,3 +393,77 @@ fn oversized_queries_get_formerr() {
     assert_eq!(Message::must(&r).rcode, 0);
     assert_eq!(up.query_count(), 2);
 }
+
+/// T15: `--max-tcp-queries 5`: the first five queries of a connection are
+/// answered, then it is closed cleanly; the rest are not taken.
+#[test]
+fn tcp_query_quota_per_connection() {
+    use crate::util::client::TcpEvent;
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::default());
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--max-tcp-queries", "5"]);
+    let mut c = crate::util::TcpClient::connect(proxy.tcp_addr());
+    let qs: Vec<_> = (0..8u16).map(|i| query(i, &format!("q{i}.example"))).collect();
+    c.send_many(&qs);
+    let answers = c.recv_n(5, deadline_ms(3000));
+    assert_eq!(answers.len(), 5);
+    for a in &answers {
+        let id = Message::must(a).id;
+        assert!(id < 5, "query {id} was beyond the quota");
+    }
+    assert!(matches!(c.next_event(deadline_ms(3000)), TcpEvent::Closed { .. }));
+    assert_eq!(up.query_count(), 5);
+}
+
+/// T16: `--max-tcp-clients-per-ip 3`: a fourth connection from the same
+/// address is closed at once, another address is still served, and a freed
+/// slot is usable again.
+#[test]
+fn tcp_connections_limited_per_address() {
+    use crate::util::client::TcpEvent;
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::default());
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--max-tcp-clients-per-ip", "3"]);
+    let mut held: Vec<_> = (0..3)
+        .map(|_| crate::util::TcpClient::connect(proxy.tcp_addr()))
+        .collect();
+    for (i, c) in held.iter_mut().enumerate() {
+        let r = c.exchange(&query(i as u16, "held.example"), deadline_ms(3000));
+        assert_default_answer(&r.expect("held connection served"), i as u16, "held.example");
+    }
+    let mut extra = crate::util::TcpClient::connect(proxy.tcp_addr());
+    extra.send(&query(9, "extra.example"));
+    assert!(matches!(
+        extra.next_event(deadline_ms(3000)),
+        TcpEvent::Closed { .. } | TcpEvent::Error(_)
+    ));
+    let other = crate::util::net::tcp_connect_from("127.0.0.2".parse().unwrap(), proxy.tcp_addr()).expect("connect");
+    let mut other = crate::util::TcpClient::from_stream(other);
+    let r = other.exchange(&query(10, "other.example"), deadline_ms(3000));
+    assert_default_answer(&r.expect("another address served"), 10, "other.example");
+    drop(held.pop());
+    let ok = crate::util::client::wait_until(deadline_ms(3000), || {
+        crate::util::tcp_exchange(proxy.tcp_addr(), &query(11, "again.example"), deadline_ms(500)).is_some()
+    });
+    assert!(ok, "a freed slot was not usable again");
+}
+
+/// C14: `--max-upstream-conn-queries 10`: connections are rotated after ten
+/// queries; every query is answered and no connection carries more.
+#[test]
+fn upstream_connections_rotated_after_n_queries() {
+    let ca = TestCa::new();
+    let up = TestUpstream::for_name(&ca, NAME, Script::default());
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--max-upstream-conn-queries", "10"]);
+    for i in 0..35u16 {
+        let name = format!("rot{i}.example");
+        assert_default_answer(&ask(&proxy, i, &name), i, &name);
+    }
+    let mut per_conn = std::collections::HashMap::new();
+    for q in up.queries() {
+        *per_conn.entry(q.conn).or_insert(0) += 1;
+    }
+    assert!(per_conn.len() >= 4, "{per_conn:?}");
+    assert!(per_conn.values().all(|&n| n <= 10), "{per_conn:?}");
+    assert_eq!(proxy.count_log("down"), 0, "{}", proxy.log_text());
+}
