@@ -607,7 +607,16 @@ pub fn cache_ttl(msg: &[u8], ttl_offsets: &mut Vec<u16>) -> Option<u32> {
     let ar = u16_at(msg, field::ARCOUNT)? as usize;
     let mut at = w.question_end;
     let (mut min_an, mut neg) = (None::<u32>, None::<u32>);
+    let mut owners = [0usize; 64];
+    let mut n_owners = 0;
     for i in 0..an + ns + ar {
+        if let Some(slot) = owners.get_mut(n_owners) {
+            *slot = at;
+            n_owners += 1;
+        } else {
+            // More records than we check names for: not worth caching.
+            return None;
+        }
         let (_, end) = read_name(msg, at, true).ok()?;
         let rtype = u16_at(msg, end)?;
         let ttl = u32_at(msg, end + 4)?;
@@ -625,7 +634,52 @@ pub fn cache_ttl(msg: &[u8], ttl_offsets: &mut Vec<u16>) -> Option<u32> {
         at = end + 10 + rdlen;
     }
     let ttl = if an > 0 && rc == rcode::NOERROR { min_an? } else { neg? };
+    // Ageing rewrites TTL bytes: an answer whose names are compressed
+    // against those bytes (no real server does that) would change its
+    // names as it ages. Such answers are passed on but never stored.
+    let starts = owners.get(..n_owners).unwrap_or_default();
+    if std::iter::once(&HEADER_LEN)
+        .chain(starts)
+        .any(|&p| name_touches(msg, p, ttl_offsets))
+    {
+        return None;
+    }
     (ttl > 0).then_some(ttl.min(MAX_CACHE_TTL))
+}
+
+/// Whether the name at `at`, pointers followed, reads any byte of the
+/// 4-byte fields starting at `fields`.
+fn name_touches(msg: &[u8], mut at: usize, fields: &[u16]) -> bool {
+    let hits = |pos: usize, len: usize| {
+        fields.iter().any(|&f| {
+            let f = usize::from(f);
+            pos < f + 4 && f < pos + len
+        })
+    };
+    // Bounded: a name has at most 127 labels plus MAX_HOPS pointers.
+    for _ in 0..MAX_NAME + MAX_HOPS {
+        let Some(&len) = msg.get(at) else { return false };
+        match len & 0xc0 {
+            0x00 => {
+                if hits(at, 1 + len as usize) {
+                    return true;
+                }
+                if len == 0 {
+                    return false;
+                }
+                at += 1 + len as usize;
+            }
+            0xc0 => {
+                if hits(at, 2) {
+                    return true;
+                }
+                let Some(&lo) = msg.get(at + 1) else { return false };
+                at = (((len & 0x3f) as usize) << 8) | lo as usize;
+            }
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Subtract `elapsed` seconds from every TTL at `offsets`.
