@@ -37,6 +37,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
+# shellcheck source=scripts/lib/dot-certs.sh
+. "$ROOT/scripts/lib/dot-certs.sh"
 
 die() {
     echo "bench: error: $*" >&2
@@ -142,32 +144,7 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- certs, zone
 log "work directory $WORK"
-(
-    cd "$WORK/certs"
-    openssl ecparam -name prime256v1 -genkey -noout -out ca.key.tmp
-    openssl pkcs8 -topk8 -nocrypt -in ca.key.tmp -out ca.key
-    openssl req -x509 -new -key ca.key -sha256 -days 2 \
-        -subj "/CN=dotproxy bench CA" \
-        -addext "basicConstraints=critical,CA:TRUE" \
-        -addext "keyUsage=critical,keyCertSign,cRLSign" \
-        -addext "subjectKeyIdentifier=hash" -out ca.pem
-    openssl ecparam -name prime256v1 -genkey -noout -out server.key.tmp
-    openssl pkcs8 -topk8 -nocrypt -in server.key.tmp -out server.key
-    openssl req -new -key server.key -subj "/CN=dot.test" -out server.csr
-    cat >server.ext <<'EOF'
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature
-extendedKeyUsage=serverAuth
-subjectAltName=DNS:dot.test,IP:127.0.0.1
-subjectKeyIdentifier=hash
-authorityKeyIdentifier=keyid
-EOF
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key \
-        -CAcreateserial -days 2 -sha256 -extfile server.ext -out server.pem
-    cat server.pem ca.pem >server-chain.pem
-    rm -f ./*.tmp server.csr
-    openssl verify -CAfile ca.pem server.pem
-) >"$WORK/logs/openssl.log" 2>&1 || {
+make_dot_certs "$WORK/certs" "dotproxy bench CA" >"$WORK/logs/openssl.log" 2>&1 || {
     cat "$WORK/logs/openssl.log" >&2
     die "certificate generation failed"
 }

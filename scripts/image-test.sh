@@ -33,6 +33,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/dot-certs.sh
+. scripts/lib/dot-certs.sh
 
 TARGET=x86_64-unknown-linux-musl
 BIN=target/$TARGET/release/dotproxy
@@ -242,30 +244,7 @@ ip -n "$NS" link set lo up
 nsx() { ip netns exec "$NS" "$@"; }
 
 log "private CA and a certificate for dot.test"
-(
-    cd "$WORK"
-    openssl ecparam -name prime256v1 -genkey -noout -out ca.key.tmp
-    openssl pkcs8 -topk8 -nocrypt -in ca.key.tmp -out ca.key
-    openssl req -x509 -new -key ca.key -sha256 -days 2 \
-        -subj "/CN=dotproxy image-test CA" \
-        -addext "basicConstraints=critical,CA:TRUE" \
-        -addext "keyUsage=critical,keyCertSign,cRLSign" \
-        -addext "subjectKeyIdentifier=hash" \
-        -out ca.pem
-    openssl ecparam -name prime256v1 -genkey -noout -out server.key.tmp
-    openssl pkcs8 -topk8 -nocrypt -in server.key.tmp -out server.key
-    openssl req -new -key server.key -subj "/CN=dot.test" -out server.csr
-    printf '%s\n' 'basicConstraints=critical,CA:FALSE' \
-        'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth' \
-        'subjectAltName=DNS:dot.test,IP:127.0.0.1' 'subjectKeyIdentifier=hash' \
-        'authorityKeyIdentifier=keyid' >server.ext
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key \
-        -CAcreateserial -days 2 -sha256 -extfile server.ext -out server.pem
-    cat server.pem ca.pem >server-chain.pem
-    rm -f ./*.tmp server.csr
-    chmod 0644 ca.pem
-    openssl verify -CAfile ca.pem server.pem
-) >"$WORK/openssl.log" 2>&1 || {
+make_dot_certs "$WORK" "dotproxy image-test CA" >"$WORK/openssl.log" 2>&1 || {
     cat "$WORK/openssl.log" >&2
     die "certificate generation failed"
 }

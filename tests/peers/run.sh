@@ -32,6 +32,8 @@
 # sourced from here. The padding check needs tcpdump and python3 and root
 # (capture on lo); without them it is skipped, not failed.
 set -euo pipefail
+# shellcheck source=scripts/lib/dot-certs.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/dot-certs.sh"
 
 if [ "$#" -ne 1 ]; then
     echo "usage: $0 PATH/TO/dotproxy" >&2
@@ -187,33 +189,7 @@ wait_listen() {
 # ---------------------------------------------------------------- certificates
 log "work directory: $WORK"
 log "generating a private CA and a certificate for dot.test"
-(
-    cd "$WORK"
-    openssl ecparam -name prime256v1 -genkey -noout -out ca.key.tmp
-    openssl pkcs8 -topk8 -nocrypt -in ca.key.tmp -out ca.key
-    openssl req -x509 -new -key ca.key -sha256 -days 2 \
-        -subj "/CN=dotproxy peers test CA" \
-        -addext "basicConstraints=critical,CA:TRUE" \
-        -addext "keyUsage=critical,keyCertSign,cRLSign" \
-        -addext "subjectKeyIdentifier=hash" \
-        -out ca.pem
-    openssl ecparam -name prime256v1 -genkey -noout -out server.key.tmp
-    openssl pkcs8 -topk8 -nocrypt -in server.key.tmp -out server.key
-    openssl req -new -key server.key -subj "/CN=dot.test" -out server.csr
-    cat >server.ext <<'EOF'
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature
-extendedKeyUsage=serverAuth
-subjectAltName=DNS:dot.test,IP:127.0.0.1
-subjectKeyIdentifier=hash
-authorityKeyIdentifier=keyid
-EOF
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key \
-        -CAcreateserial -days 2 -sha256 -extfile server.ext -out server.pem
-    cat server.pem ca.pem >server-chain.pem
-    rm -f ./*.tmp server.csr
-    openssl verify -CAfile ca.pem server.pem
-) >"$WORK/openssl.log" 2>&1 || {
+make_dot_certs "$WORK" "dotproxy peers test CA" >"$WORK/openssl.log" 2>&1 || {
     cat "$WORK/openssl.log" >&2
     die "certificate generation failed"
 }
