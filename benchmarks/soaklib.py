@@ -71,42 +71,9 @@ def cmd_zone(outdir, names):
 # ---------------------------------------------------------------- probe
 
 
-def _query(name, qid):
-    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    for label in name.rstrip(".").split("."):
-        q += bytes([len(label)]) + label.encode()
-    return q + b"\x00" + struct.pack(">HH", 1, 1)
-
-
-def cmd_probe(port, name, mode="udp"):
-    port = int(port)
-    qid = random.randrange(65536)
-    msg = _query(name, qid)
-    try:
-        if mode == "tcp":
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                s.settimeout(2)
-                s.sendall(struct.pack(">H", len(msg)) + msg)
-                buf = b""
-                while len(buf) < 2 or len(buf) < 2 + struct.unpack(">H", buf[:2])[0]:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        return 1
-                    buf += chunk
-                resp = buf[2:]
-        else:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(2)
-                s.sendto(msg, ("127.0.0.1", port))
-                resp, _ = s.recvfrom(65535)
-    except OSError:
-        return 1
-    if len(resp) < 12:
-        return 1
-    rid, flags, _qd, an = struct.unpack(">HHHH", resp[:8])
-    if rid != qid or not flags & 0x8000 or flags & 0xF != 0 or an < 1:
-        return 1
-    return 0
+# The probe is the benchmark's (same folder): one query, checked answer.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import cmd_probe  # noqa: E402
 
 
 # ---------------------------------------------------------------- timeline
