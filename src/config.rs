@@ -162,6 +162,31 @@ pub struct Config {
 }
 
 /// The bounds on what clients can make the proxy hold.
+impl Config {
+    /// The options that differ in `new` but cannot change while running:
+    /// sockets are bound once (and privileges may be gone by then), the
+    /// cache is sized once, logging is set up once.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != new.listen {
+            changed.push("--listen");
+        }
+        if self.metrics != new.metrics {
+            changed.push("--metrics");
+        }
+        if self.reuseport != new.reuseport {
+            changed.push("--reuseport");
+        }
+        if self.cache_size != new.cache_size {
+            changed.push("--cache-size");
+        }
+        if self.log_level != new.log_level {
+            changed.push("--log-level");
+        }
+        changed
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_inflight: usize,
