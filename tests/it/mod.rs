@@ -16,4 +16,5 @@ mod features;
 mod harness;
 mod malformed;
 mod pipelining;
+mod reload;
 mod truncation;
