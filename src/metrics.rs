@@ -17,19 +17,31 @@ pub struct Stats {
     pub servfail: u64,
     pub timeouts: u64,
     pub rejected: u64,
-    pub dropped: u64,
+    /// Client messages dropped without an answer.
+    pub dropped: Dropped,
     pub truncated: u64,
     pub retried: u64,
-    pub late_answers: u64,
-    pub unknown_ids: u64,
-    pub mismatched: u64,
-    pub udp_send_dropped: u64,
-    pub refused_acl: u64,
+    /// Upstream answers that matched no query.
+    pub upstream_dropped: UpstreamDropped,
     pub merged: u64,
     pub refused_busy: u64,
     pub tcp_refused: u64,
     /// Answers sent to clients, by 4-bit RCODE.
     pub rcodes: [u64; 16],
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Dropped {
+    pub malformed: u64,
+    pub access_list: u64,
+    pub udp_send_queue_full: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct UpstreamDropped {
+    pub unknown_id: u64,
+    pub wrong_question: u64,
+    pub late: u64,
 }
 
 /// What the metrics are rendered from.
@@ -134,9 +146,13 @@ fn client_side(e: &mut Exposition, s: &Stats) {
     }
     let name = "dotproxy_dropped_total";
     e.header(name, "counter", "Client messages dropped without an answer, by reason.");
-    e.sample(name, &[("reason", "malformed")], s.dropped);
-    e.sample(name, &[("reason", "access_list")], s.refused_acl);
-    e.sample(name, &[("reason", "udp_send_queue_full")], s.udp_send_dropped);
+    e.sample(name, &[("reason", "malformed")], s.dropped.malformed);
+    e.sample(name, &[("reason", "access_list")], s.dropped.access_list);
+    e.sample(
+        name,
+        &[("reason", "udp_send_queue_full")],
+        s.dropped.udp_send_queue_full,
+    );
     let name = "dotproxy_rejected_total";
     e.header(
         name,
@@ -153,9 +169,10 @@ fn client_side(e: &mut Exposition, s: &Stats) {
 fn upstream_answers(e: &mut Exposition, s: &Stats) {
     let name = "dotproxy_upstream_answers_dropped_total";
     e.header(name, "counter", "Upstream answers that matched no query, by reason.");
-    e.sample(name, &[("reason", "unknown_id")], s.unknown_ids);
-    e.sample(name, &[("reason", "wrong_question")], s.mismatched);
-    e.sample(name, &[("reason", "late")], s.late_answers);
+    let d = &s.upstream_dropped;
+    e.sample(name, &[("reason", "unknown_id")], d.unknown_id);
+    e.sample(name, &[("reason", "wrong_question")], d.wrong_question);
+    e.sample(name, &[("reason", "late")], d.late);
 }
 
 fn upstreams(e: &mut Exposition, pool: &Pool, now: Instant) {

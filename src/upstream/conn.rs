@@ -177,6 +177,15 @@ pub enum Answer {
     Unknown,
 }
 
+/// When a connection with nothing in flight closes.
+struct Idle {
+    /// Our default, or less when the server announces a shorter
+    /// edns-tcp-keepalive timeout.
+    after: Duration,
+    /// When the one idle timer of this connection is due, if armed.
+    armed: Option<Instant>,
+}
+
 /// How much the socket read loop pulls in one `read` call: big enough
 /// that a burst of answers costs few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
@@ -200,11 +209,7 @@ pub struct UpstreamConn<S = TcpStream> {
     /// server can finish TLS and then say nothing.
     last_answer: Option<Instant>,
     was_ready: bool,
-    /// Close after this long with nothing in flight: our default, or less
-    /// when the server announces a shorter edns-tcp-keepalive timeout.
-    idle: Duration,
-    /// When the one idle timer of this connection is due, if armed.
-    idle_at: Option<Instant>,
+    idle: Idle,
     /// Queries sent on this connection so far.
     sent: u64,
     drain: Option<Drain>,
@@ -259,8 +264,10 @@ impl<S: Transport> UpstreamConn<S> {
             last_active: now,
             last_answer: None,
             was_ready: false,
-            idle: IDLE,
-            idle_at: None,
+            idle: Idle {
+                after: IDLE,
+                armed: None,
+            },
             sent: 0,
             drain: None,
             dirty: false,
@@ -504,21 +511,21 @@ impl<S: Transport> UpstreamConn<S> {
         } else {
             // Leave a margin so our close_notify beats the server's close.
             let server = Duration::from_millis(u64::from(timeout) * 100);
-            self.idle = self.idle.min(server.mul_f32(0.8));
+            self.idle.after = self.idle.after.min(server.mul_f32(0.8));
         }
     }
 
     /// When it may close for idleness, if nothing else happens.
     pub fn idle_due(&self) -> Instant {
-        self.last_active + self.idle
+        self.last_active + self.idle.after
     }
 
     /// Note an idle timer for `at`; `false` when one is due sooner already
     /// (one timer per connection, however many answers come: a timer per
     /// answer would grow the heap without bound).
     pub fn arm_idle(&mut self, at: Instant) -> bool {
-        if self.idle_at.is_none_or(|t| at < t) {
-            self.idle_at = Some(at);
+        if self.idle.armed.is_none_or(|t| at < t) {
+            self.idle.armed = Some(at);
             return true;
         }
         false
@@ -527,10 +534,10 @@ impl<S: Transport> UpstreamConn<S> {
     /// The idle timer for `now` fired: `true` when it is the armed one
     /// (not superseded by an earlier timer that already ran).
     pub fn idle_fired(&mut self, now: Instant) -> bool {
-        if self.idle_at.is_none_or(|t| t > now) {
+        if self.idle.armed.is_none_or(|t| t > now) {
             return false;
         }
-        self.idle_at = None;
+        self.idle.armed = None;
         true
     }
 
@@ -551,3 +558,7 @@ impl<S: Transport> UpstreamConn<S> {
 
 /// Upstream connections with nothing in flight close after this.
 pub const IDLE: Duration = Duration::from_secs(20);
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod conn_tests;
