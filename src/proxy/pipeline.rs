@@ -76,7 +76,14 @@ impl Proxy {
                         .clients
                         .admit(sock, peer, now, self.poll.registry(), &mut self.timers)
                     {
-                        Ok(key) => self.client_queries_after_read(key, now),
+                        Ok((key, evicted)) => {
+                            if let Some(old) = evicted {
+                                let what =
+                                    format_args!("tcp client {old} closed: idle, to admit a new connection at a limit");
+                                self.notices.warn(Notice::TcpClients, now, what);
+                            }
+                            self.client_queries_after_read(key, now);
+                        }
                         Err(refusal) => {
                             self.stats.tcp_refused += 1;
                             let ip = peer.ip();
@@ -197,7 +204,7 @@ impl Proxy {
         };
         let new = NewQuery {
             origin,
-            client: ip,
+            client: self.settings.per_address.key(ip),
             query,
             msg,
             key,
@@ -214,8 +221,11 @@ impl Proxy {
     /// query (under a flood of maybe spoofed queries, no amplification).
     pub(super) fn refuse_busy(&mut self, refused: Box<NewQuery>, client_len: usize, now: Instant) {
         self.stats.refused_busy += 1;
-        let ip = refused.client;
-        let what = format_args!("query from {ip} refused: --max-inflight or --max-inflight-per-ip reached");
+        let what = match refused.client {
+            Some(ip) => format!("query from {ip} refused: --max-inflight or --max-inflight-per-ip reached"),
+            None => "query refused: --max-inflight reached".to_string(),
+        };
+        let what = format_args!("{what}");
         self.notices.warn(Notice::Busy, now, what);
         let (rcode, ede) = Failure::Busy.answer();
         let mut reply = std::mem::take(&mut self.bufs.reply);
@@ -386,7 +396,7 @@ impl Proxy {
                 }
             }
             Origin::Tcp { key, gen } => {
-                if let Err(Gone::TooSlow(peer)) = self.clients.deliver(key, gen, answer) {
+                if let Err(Gone::TooSlow(peer)) = self.clients.deliver(key, gen, answer, now) {
                     let what = format_args!("tcp client {peer} closed: does not read its answers");
                     self.notices.warn(Notice::SlowReader, now, what);
                 }

@@ -85,6 +85,20 @@ impl std::fmt::Display for CloseReason {
 }
 
 impl CloseReason {
+    /// Out of descriptors (EMFILE, ENFILE) or memory on our side: nothing
+    /// the upstream did.
+    pub fn is_local_exhaustion(&self) -> bool {
+        match self {
+            CloseReason::Connect(e) | CloseReason::Io(e) => {
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                )
+            }
+            _ => false,
+        }
+    }
+
     /// Ours, and nothing is wrong: the server gets a close_notify.
     pub fn is_polite(&self) -> bool {
         matches!(self, CloseReason::Idle | CloseReason::Recycled | CloseReason::Shutdown)
@@ -177,6 +191,18 @@ pub enum Answer {
     Unknown,
 }
 
+/// What the server has been doing.
+struct Activity {
+    /// The last read or write of queries.
+    last_active: Instant,
+    /// When a whole message last arrived: handshake bytes do not count, a
+    /// server can finish TLS and then say nothing.
+    last_answer: Option<Instant>,
+    /// Queries that timed out in a row while the server said nothing since
+    /// they were sent.
+    silent_timeouts: u32,
+}
+
 /// When a connection with nothing in flight closes.
 struct Idle {
     /// Our default, or less when the server announces a shorter
@@ -189,6 +215,9 @@ struct Idle {
 /// How much the socket read loop pulls in one `read` call: big enough
 /// that a burst of answers costs few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from one connection per readiness turn; the rest is read on
+/// the next turn, after other sockets had theirs.
+const READ_BUDGET: usize = 4 * READ_CHUNK;
 
 pub struct UpstreamConn<S = TcpStream> {
     /// Index of the configured upstream this connection belongs to.
@@ -204,11 +233,10 @@ pub struct UpstreamConn<S = TcpStream> {
     /// so a burst becomes a few TLS records and one socket write.
     out: Vec<u8>,
     ids: IdTable,
-    last_active: Instant,
-    /// When a whole message last arrived: handshake bytes do not count, a
-    /// server can finish TLS and then say nothing.
-    last_answer: Option<Instant>,
+    activity: Activity,
     was_ready: bool,
+    /// The last read stopped at its budget with more to read: come back.
+    read_more: bool,
     idle: Idle,
     /// Queries sent on this connection so far.
     sent: u64,
@@ -261,9 +289,13 @@ impl<S: Transport> UpstreamConn<S> {
             decoder: FrameDecoder::default(),
             out: Vec::new(),
             ids: IdTable::default(),
-            last_active: now,
-            last_answer: None,
+            activity: Activity {
+                last_active: now,
+                last_answer: None,
+                silent_timeouts: 0,
+            },
             was_ready: false,
+            read_more: false,
             idle: Idle {
                 after: IDLE,
                 armed: None,
@@ -300,7 +332,23 @@ impl<S: Transport> UpstreamConn<S> {
     }
 
     pub fn last_answer(&self) -> Option<Instant> {
-        self.last_answer
+        self.activity.last_answer
+    }
+
+    /// Whether the last read stopped at its budget with more to read.
+    pub fn has_more(&self) -> bool {
+        self.read_more
+    }
+
+    /// A query sent at `sent_at` timed out. Returns how many queries timed
+    /// out in a row with the server silent since they were sent: one slow
+    /// answer is not an outage, silence across several queries is.
+    pub fn timed_out_silent(&mut self, sent_at: Instant) -> u32 {
+        if self.activity.last_answer.is_some_and(|t| t > sent_at) {
+            return 0;
+        }
+        self.activity.silent_timeouts += 1;
+        self.activity.silent_timeouts
     }
 
     pub fn sent(&self) -> u64 {
@@ -348,7 +396,7 @@ impl<S: Transport> UpstreamConn<S> {
             b.copy_from_slice(&id.to_be_bytes());
         }
         self.sent += 1;
-        self.last_active = now;
+        self.activity.last_active = now;
         Some(id)
     }
 
@@ -417,16 +465,24 @@ impl<S: Transport> UpstreamConn<S> {
     }
 
     fn read_all(&mut self, scratch: &mut [u8], now: Instant) -> Result<(), CloseReason> {
-        let before = self.last_active;
+        let before = self.activity.last_active;
         let result = self.read_loop(scratch, now);
-        if self.last_active != before {
+        if self.activity.last_active != before {
             self.sock.after_read();
         }
         result
     }
 
     fn read_loop(&mut self, scratch: &mut [u8], now: Instant) -> Result<(), CloseReason> {
+        self.read_more = false;
+        let mut budget = READ_BUDGET;
         loop {
+            if budget == 0 {
+                // A flooding server must not starve everyone else: the rest
+                // waits for the next turn.
+                self.read_more = true;
+                return Ok(());
+            }
             let n = match self.sock.read(scratch) {
                 Ok(0) => {
                     // Let rustls see the EOF: it tells a clean close_notify
@@ -440,7 +496,8 @@ impl<S: Transport> UpstreamConn<S> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(CloseReason::Io(e)),
             };
-            self.last_active = now;
+            self.activity.last_active = now;
+            budget = budget.saturating_sub(n);
             let mut input = scratch.get(..n).unwrap_or(&[]);
             while !input.is_empty() {
                 match self.tls.read_tls(&mut input) {
@@ -493,7 +550,8 @@ impl<S: Transport> UpstreamConn<S> {
             }
             Err(e) => return Some(Err(CloseReason::BadFrame(e))),
         }
-        self.last_answer = Some(now);
+        self.activity.last_answer = Some(now);
+        self.activity.silent_timeouts = 0;
         let id = crate::wire::id(frame).unwrap_or(0);
         Some(Ok(match self.ids.take(id) {
             Lookup::Live(query) => Answer::Live { id, query },
@@ -517,7 +575,7 @@ impl<S: Transport> UpstreamConn<S> {
 
     /// When it may close for idleness, if nothing else happens.
     pub fn idle_due(&self) -> Instant {
-        self.last_active + self.idle.after
+        self.activity.last_active + self.idle.after
     }
 
     /// Note an idle timer for `at`; `false` when one is due sooner already

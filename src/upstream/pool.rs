@@ -32,7 +32,11 @@ use crate::wire::Name;
 const MAX_INFLIGHT_PER_CONN: usize = 1000;
 /// Connections per upstream; more only when the others are full
 /// (RFC 7766 §6.2.2 asks for few).
-const MAX_CONNS_PER_UPSTREAM: usize = 4;
+pub const MAX_CONNS_PER_UPSTREAM: usize = 4;
+/// Queries that time out in a row on a connection whose server says
+/// nothing before it counts as stalled: one slow answer is not an outage (a
+/// late answer shows the server alive), silence across several queries is.
+const STALL_AFTER: u32 = 3;
 /// Timed-out IDs a connection may hold before it is drained and replaced.
 const MAX_TOMBSTONES: usize = 256;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -143,6 +147,8 @@ pub struct Pool {
     /// `--max-upstream-conn-queries`, 0 = no limit.
     max_conn_queries: u64,
     dirty: Vec<usize>,
+    /// Connections whose read stopped at its budget: read again next turn.
+    revisit: Vec<usize>,
     doomed: Vec<(usize, CloseReason)>,
     /// Failures to count once the orphans of a broken stream are re-sent.
     deferred: Vec<(usize, String)>,
@@ -159,6 +165,7 @@ impl Pool {
             timeout: cfg.timeout,
             max_conn_queries: cfg.limits.max_upstream_conn_queries,
             dirty: Vec::new(),
+            revisit: Vec::new(),
             doomed: Vec::new(),
             deferred: Vec::new(),
         };
@@ -301,6 +308,12 @@ impl Pool {
         up.stats.connects += 1;
         let mut conn = match UpstreamConn::connect(u, gen, up.cfg.addr, &up.cfg.name, &up.tls, now) {
             Ok(c) => c,
+            Err(reason) if reason.is_local_exhaustion() => {
+                // Our descriptors ran out, not the server: no back-off,
+                // the query fails now and the next one tries again.
+                warn_exhausted(&reason);
+                return None;
+            }
             Err(reason) => {
                 self.upstream_failed(u, &reason, now);
                 return None;
@@ -353,7 +366,11 @@ impl Pool {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        match conn.on_ready(scratch, now) {
+        let result = conn.on_ready(scratch, now);
+        if conn.has_more() && !self.revisit.contains(&key) {
+            self.revisit.push(key);
+        }
+        match result {
             Ok(true) => {
                 let (u, resumed) = (conn.upstream(), conn.resumed());
                 let at = now + super::conn::IDLE;
@@ -454,9 +471,10 @@ impl Pool {
             return;
         };
         conn.bury(sent.id, q);
-        if conn.was_ready() && conn.last_answer().is_none_or(|t| t <= sent.at) {
+        let silent = conn.was_ready() && conn.last_answer().is_none_or(|t| t <= sent.at);
+        if silent && conn.timed_out_silent(sent.at) >= STALL_AFTER {
             self.doomed.push((sent.conn, CloseReason::Stalled));
-        } else if conn.tombstones() > MAX_TOMBSTONES && conn.accepts_queries() {
+        } else if !silent && conn.tombstones() > MAX_TOMBSTONES && conn.accepts_queries() {
             conn.drain(Drain::LateAnswers);
             if conn.drained() {
                 self.doomed.push((sent.conn, CloseReason::Recycled));
@@ -510,7 +528,13 @@ impl Pool {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.dirty.is_empty() || !self.doomed.is_empty()
+        !self.dirty.is_empty() || !self.doomed.is_empty() || !self.revisit.is_empty()
+    }
+
+    /// Connections to read again this turn (their last read was cut short).
+    pub fn take_revisits(&mut self, out: &mut Vec<usize>) {
+        out.clear();
+        out.append(&mut self.revisit);
     }
 
     /// Close every connection marked for closing; their unanswered queries
@@ -647,6 +671,12 @@ impl Pool {
             zones: self.zones.len(),
         })
     }
+}
+
+fn warn_exhausted(reason: &CloseReason) {
+    // Rare and loud by nature: the accept side (the usual culprit) is
+    // already capped below the descriptor limit; debug keeps a flood quiet.
+    debug!("upstream connect: {reason} (local resources exhausted; not an upstream failure)");
 }
 
 /// Capped exponential back-off for the `failures`-th failure in a row, up
