@@ -56,6 +56,9 @@ pub struct Pending {
     /// The query as sent upstream (padded), with the client's ID: re-sent
     /// as is.
     msg: Vec<u8>,
+    /// The size of the query as the client sent it: what answers of our
+    /// own over UDP must not exceed.
+    client_len: usize,
     deadline: Instant,
     attempts: u8,
     sent: Option<Sent>,
@@ -77,6 +80,10 @@ impl Pending {
 
     pub fn msg(&self) -> &[u8] {
         &self.msg
+    }
+
+    pub fn client_len(&self) -> usize {
+        self.client_len
     }
 
     pub fn attempts(&self) -> u8 {
@@ -126,6 +133,8 @@ impl Pending {
 /// A query to admit.
 pub struct NewQuery {
     pub origin: Origin,
+    /// The query's size as the client sent it (before padding).
+    pub client_len: usize,
     /// The per-address key of its client (`config::PerAddress::key`);
     /// `None` when exempt from the per-address limit.
     pub client: Option<IpAddr>,
@@ -219,6 +228,7 @@ impl Queries {
             client,
             query: new.query,
             msg: new.msg,
+            client_len: new.client_len,
             deadline,
             attempts: 0,
             sent: None,
@@ -302,6 +312,7 @@ mod tests {
             k.into_boxed_slice()
         });
         NewQuery {
+            client_len: msg.len(),
             origin: Origin::Udp {
                 listener: 0,
                 peer: SocketAddr::from((ip, 5353)),

@@ -450,6 +450,11 @@ impl Proxy {
             client_limits(&cfg),
         );
         self.settings = Settings::of(&cfg, self.settings.nofile);
+        let settings = &self.settings;
+        let closed = self.clients.retain_allowed(|ip| settings.allowed(ip));
+        if closed > 0 {
+            info!("reload: {closed} tcp clients closed, no longer in --allow");
+        }
         info!(
             "configuration reloaded: {} upstreams, {} forwarding zones",
             reloaded.upstreams, reloaded.zones

@@ -21,7 +21,7 @@ use crate::upstream::Answer;
 use crate::wire::build::{build_error, build_truncated, pad_query};
 use crate::wire::query::parse_query;
 use crate::wire::response::{parse_response, restore_for_client, strip_answer, without_ede};
-use crate::wire::{BadResponse, Header, Query, Rcode, Reject, MAX_UDP};
+use crate::wire::{BadResponse, Ede, Header, Query, Rcode, Reject, MAX_UDP};
 
 impl Proxy {
     // ---- receive ----
@@ -154,13 +154,36 @@ impl Proxy {
                     self.peer_of(origin),
                     u16::from(rcode)
                 );
-                let mut reply = std::mem::take(&mut self.bufs.reply);
-                build_error(&mut reply, &msg, query.as_deref(), rcode, ede);
-                self.deliver(origin, query.as_deref(), &msg, &reply, now);
-                self.bufs.reply = reply;
+                self.own_answer(origin, query.as_deref(), &msg, msg.len(), (rcode, ede), now);
                 self.bufs.put(msg);
             }
         }
+    }
+
+    /// Answer with a message of our own. Over UDP it is never larger than
+    /// the query (`client_len`): the EDE text goes first, then the EDE, so
+    /// a spoofed source gets no amplification.
+    fn own_answer(
+        &mut self,
+        origin: Origin,
+        query: Option<&Query>,
+        msg: &[u8],
+        client_len: usize,
+        (rcode, ede): (Rcode, Option<Ede>),
+        now: Instant,
+    ) {
+        let mut reply = std::mem::take(&mut self.bufs.reply);
+        build_error(&mut reply, msg, query, rcode, ede);
+        if matches!(origin, Origin::Udp { .. }) {
+            for smaller in [ede.map(Ede::code_only), None] {
+                if reply.len() <= client_len {
+                    break;
+                }
+                build_error(&mut reply, msg, query, rcode, smaller);
+            }
+        }
+        self.deliver(origin, query, msg, &reply, now);
+        self.bufs.reply = reply;
     }
 
     pub(super) fn forward(&mut self, query: Query, msg: Vec<u8>, origin: Origin, ip: IpAddr, now: Instant) {
@@ -204,6 +227,7 @@ impl Proxy {
         };
         let new = NewQuery {
             origin,
+            client_len,
             client: self.settings.per_address.key(ip),
             query,
             msg,
@@ -352,10 +376,8 @@ impl Proxy {
             if rcode == Rcode::ServFail {
                 self.stats.servfail += 1;
             }
-            let mut reply = std::mem::take(&mut self.bufs.reply);
-            build_error(&mut reply, p.msg(), Some(p.query()), rcode, Some(ede));
-            self.deliver(p.origin(), Some(p.query()), p.msg(), &reply, now);
-            self.bufs.reply = reply;
+            let answer = (rcode, Some(ede));
+            self.own_answer(p.origin(), Some(p.query()), p.msg(), p.client_len(), answer, now);
             self.bufs.put(p.into_msg());
         }
         self.bufs.failing = failing;

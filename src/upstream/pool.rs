@@ -94,6 +94,9 @@ struct Upstream {
     /// Shared by all upstreams, or this upstream's own when it has pins or
     /// its own CA.
     tls: Arc<rustls::ClientConfig>,
+    /// A digest of what it trusts beyond its configuration: the contents
+    /// of the CA file in force, so a reload sees a changed file.
+    trust: u64,
     label: String,
     conns: Vec<usize>,
     health: Health,
@@ -136,7 +139,8 @@ pub struct Reloaded {
 }
 
 pub struct Pool {
-    upstreams: Vec<Upstream>,
+    /// A slab: keys stay put when a retired upstream is dropped.
+    upstreams: Slab<Upstream>,
     conns: Slab<UpstreamConn>,
     /// Forwarding zones, canonical wire form; the index is the zone's role.
     zones: Vec<Vec<u8>>,
@@ -157,7 +161,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(cfg: &Config) -> Result<Pool, String> {
         let mut pool = Pool {
-            upstreams: Vec::new(),
+            upstreams: Slab::new(),
             conns: Slab::new(),
             zones: Vec::new(),
             rng: IdRng::default(),
@@ -170,13 +174,13 @@ impl Pool {
             deferred: Vec::new(),
         };
         let (upstreams, zones) = build(cfg)?;
-        for u in &upstreams {
+        for u in upstreams {
             match u.role {
                 Role::Zone(z) => info!("upstream {} for {}", u.cfg, zone_label(zones.get(z))),
                 _ => info!("upstream {}", u.cfg),
             }
+            pool.upstreams.insert(u);
         }
-        pool.upstreams = upstreams;
         pool.zones = zones;
         Ok(pool)
     }
@@ -247,7 +251,6 @@ impl Pool {
         let chosen = self
             .upstreams
             .iter()
-            .enumerate()
             .filter(|(_, u)| u.role == role && u.health.usable(now))
             .map(|(i, u)| {
                 let score = (self.inflight(u) + 1) as f64 * u.srtt.unwrap_or(0.0).max(0.0001);
@@ -258,7 +261,7 @@ impl Pool {
         // What is not measured is forgotten slowly: the others' latency
         // decays, so a resolver that was slow gets a fresh sample now and
         // then (about one query in a few hundred) instead of never again.
-        for (i, u) in self.upstreams.iter_mut().enumerate() {
+        for (i, u) in self.upstreams.iter_mut() {
             if i != chosen && u.role == role {
                 if let Some(s) = &mut u.srtt {
                     *s *= 0.98;
@@ -573,6 +576,9 @@ impl Pool {
             let answered_at = conn.last_answer();
             orphans.extend(live.drain(..).map(|query| Orphan { query, answered_at }));
         }
+        if any {
+            self.forget_retired();
+        }
         any
     }
 
@@ -597,7 +603,7 @@ impl Pool {
     /// Healthy while some upstream has a working connection, or has not
     /// failed since its last success (nothing is known to be wrong yet).
     pub fn healthy(&self) -> bool {
-        self.upstreams.iter().any(|u| {
+        self.upstreams.iter().any(|(_, u)| {
             u.health == Health::Up
                 || u.conns
                     .iter()
@@ -607,7 +613,7 @@ impl Pool {
     }
 
     pub fn upstreams(&self, now: Instant) -> impl Iterator<Item = UpstreamView<'_>> {
-        self.upstreams.iter().map(move |u| UpstreamView {
+        self.upstreams.iter().map(move |(_, u)| UpstreamView {
             label: &u.label,
             up: u.health == Health::Up && u.health.usable(now),
             connections: u.conns.len(),
@@ -626,30 +632,36 @@ impl Pool {
     /// and every later send routes by them.
     pub fn reload(&mut self, cfg: &Config) -> Result<Reloaded, String> {
         let (fresh, zones) = build(cfg)?;
-        let mut kept = vec![false; self.upstreams.len()];
+        let mut kept: Vec<usize> = Vec::new();
         for new in fresh {
-            let same = (0..self.upstreams.len())
-                .find(|&i| !kept[i] && self.upstreams[i].role != Role::Retired && self.upstreams[i].cfg == new.cfg);
+            // Same resolver, same name and pins, same CA path and same CA
+            // file contents: keep the running one. Anything else about what
+            // it trusts changed: a new upstream, so new handshakes use the
+            // new trust and the old connections drain.
+            let same = self
+                .upstreams
+                .iter()
+                .find(|(i, u)| !kept.contains(i) && u.role != Role::Retired && u.cfg == new.cfg && u.trust == new.trust)
+                .map(|(i, _)| i);
             match same {
                 Some(i) => {
-                    kept[i] = true;
-                    self.upstreams[i].role = new.role;
+                    kept.push(i);
+                    if let Some(u) = self.upstreams.get_mut(i) {
+                        u.role = new.role;
+                    }
                 }
                 None => {
                     match new.role {
                         Role::Zone(z) => info!("upstream {} for {} added", new.cfg, zone_label(zones.get(z))),
                         _ => info!("upstream {} added", new.cfg),
                     }
-                    kept.push(true);
-                    self.upstreams.push(new);
+                    kept.push(self.upstreams.insert(new));
                 }
             }
         }
-        for (i, keep) in kept.iter().enumerate() {
-            if *keep {
-                continue;
-            }
-            let u = &mut self.upstreams[i];
+        let retire: Vec<usize> = self.upstreams.iter().map(|(i, _)| i).filter(|i| !kept.contains(i)).collect();
+        for i in retire {
+            let Some(u) = self.upstreams.get_mut(i) else { continue };
             if u.role != Role::Retired {
                 info!("upstream {} removed", u.cfg);
                 u.role = Role::Retired;
@@ -663,13 +675,28 @@ impl Pool {
                 }
             }
         }
+        self.forget_retired();
         self.zones = zones;
         self.timeout = cfg.timeout;
         self.max_conn_queries = cfg.limits.max_upstream_conn_queries;
         Ok(Reloaded {
-            upstreams: self.upstreams.iter().filter(|u| u.role != Role::Retired).count(),
+            upstreams: self.upstreams.iter().filter(|(_, u)| u.role != Role::Retired).count(),
             zones: self.zones.len(),
         })
+    }
+
+    /// Drop retired upstreams whose last connection has closed: alternating
+    /// reloads must not grow the table (or the metrics) without bound.
+    fn forget_retired(&mut self) {
+        let gone: Vec<usize> = self
+            .upstreams
+            .iter()
+            .filter(|(_, u)| u.role == Role::Retired && u.conns.is_empty())
+            .map(|(i, _)| i)
+            .collect();
+        for i in gone {
+            self.upstreams.remove(i);
+        }
     }
 }
 
@@ -705,6 +732,17 @@ fn zone_label(wire: Option<&Vec<u8>>) -> String {
     out
 }
 
+/// A digest of the CA file's contents (0 for the built-in roots).
+fn trust_digest(ca: Option<&std::path::Path>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let Some(path) = ca else { return 0 };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    // Unreadable now: build() has just read it, so this only races an
+    // edit; a different digest makes the next reload rebuild, no harm.
+    std::fs::read(path).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
 /// The upstreams of a configuration, and its zones.
 fn build(cfg: &Config) -> Result<(Vec<Upstream>, Vec<Vec<u8>>), String> {
     let shared = super::tls::client_config(cfg.ca_file.as_deref())?;
@@ -728,6 +766,7 @@ fn build(cfg: &Config) -> Result<(Vec<Upstream>, Vec<Vec<u8>>), String> {
             srtt: None,
             cfg: u.clone(),
             tls: super::tls::for_upstream(&shared, cfg.ca_file.as_deref(), u)?,
+            trust: trust_digest(u.ca_file.as_deref().or(cfg.ca_file.as_deref())),
             label: u.to_string(),
             conns: Vec::new(),
             health: Health::Up,
