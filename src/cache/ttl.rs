@@ -87,8 +87,6 @@ pub fn age_ttls(msg: &mut [u8], offsets: &[u16], elapsed: u32) {
     }
 }
 
-/// Whether `name` is `zone` or under it; both canonical wire form.
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {

@@ -465,15 +465,15 @@ impl<S: Transport> UpstreamConn<S> {
     }
 
     fn read_all(&mut self, scratch: &mut [u8], now: Instant) -> Result<(), CloseReason> {
-        let before = self.activity.last_active;
-        let result = self.read_loop(scratch, now);
-        if self.activity.last_active != before {
+        let mut got_any = false;
+        let result = self.read_loop(scratch, now, &mut got_any);
+        if got_any {
             self.sock.after_read();
         }
         result
     }
 
-    fn read_loop(&mut self, scratch: &mut [u8], now: Instant) -> Result<(), CloseReason> {
+    fn read_loop(&mut self, scratch: &mut [u8], now: Instant, got_any: &mut bool) -> Result<(), CloseReason> {
         self.read_more = false;
         let mut budget = READ_BUDGET;
         loop {
@@ -498,6 +498,7 @@ impl<S: Transport> UpstreamConn<S> {
             };
             self.activity.last_active = now;
             budget = budget.saturating_sub(n);
+            *got_any = true;
             let mut input = scratch.get(..n).unwrap_or(&[]);
             while !input.is_empty() {
                 match self.tls.read_tls(&mut input) {
@@ -518,8 +519,13 @@ impl<S: Transport> UpstreamConn<S> {
         let state = match self.tls.process_new_packets() {
             Ok(state) => state,
             Err(e) => {
-                // Last gasp: tell the server why (the alert rustls queued).
-                let _ = self.tls.write_tls(&mut self.sock);
+                // Last gasp: tell the server why (the alert rustls queued,
+                // maybe behind other records), as far as the socket takes it.
+                while self.tls.wants_write() {
+                    if self.tls.write_tls(&mut self.sock).is_err() {
+                        break;
+                    }
+                }
                 return Err(CloseReason::Tls(e));
             }
         };
@@ -606,6 +612,9 @@ impl<S: Transport> UpstreamConn<S> {
     /// End the connection: close_notify when the close is ours and polite,
     /// then hand back every query still waiting on it.
     pub fn close(&mut self, reason: &CloseReason, orphans: &mut Vec<QueryRef>) {
+        // Queries still queued would be encrypted after the alert: they are
+        // orphans (handed back below), not sent.
+        self.out.clear();
         if reason.is_polite() && self.state != ConnState::Connecting {
             self.tls.send_close_notify();
             let _ = self.flush();

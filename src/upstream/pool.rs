@@ -659,7 +659,12 @@ impl Pool {
                 }
             }
         }
-        let retire: Vec<usize> = self.upstreams.iter().map(|(i, _)| i).filter(|i| !kept.contains(i)).collect();
+        let retire: Vec<usize> = self
+            .upstreams
+            .iter()
+            .map(|(i, _)| i)
+            .filter(|i| !kept.contains(i))
+            .collect();
         for i in retire {
             let Some(u) = self.upstreams.get_mut(i) else { continue };
             if u.role != Role::Retired {
@@ -825,12 +830,11 @@ mod tests {
         assert_eq!(p.route(&name("a.eu.corp.example")), Role::Zone(0));
         let eu = p.choose_upstream(Role::Zone(0), None, Instant::now()).unwrap();
         assert_eq!(p.upstreams[eu].cfg.addr.to_string(), "192.0.2.3:853");
-        let corp = p
+        // The removed zone's upstream had no connection left: forgotten.
+        assert!(!p
             .upstreams
             .iter()
-            .find(|u| u.cfg.addr.to_string() == "192.0.2.2:853")
-            .unwrap();
-        assert_eq!(corp.role, Role::Retired);
+            .any(|(_, u)| u.cfg.addr.to_string() == "192.0.2.2:853"));
     }
 
     #[test]
@@ -892,13 +896,44 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(r, Reloaded { upstreams: 2, zones: 0 });
-        assert_eq!(p.upstreams[0].role, Role::Retired);
+        // The removed one had no connections: gone at once.
+        assert_eq!(p.upstreams.len(), 2);
+        assert!(!p.upstreams.contains(0));
         assert_eq!(p.upstreams[1].stats.answers, 1);
         assert_eq!(p.upstreams[2].cfg.addr.to_string(), "192.0.2.9:853");
         // The retired one is never chosen, even when it is the only healthy one.
         p.upstream_failed(1, &"test", t0);
         p.upstream_failed(2, &"test", t0);
         assert_eq!(p.choose_upstream(Role::Default, None, t0), None);
+    }
+
+    #[test]
+    fn a_changed_ca_file_replaces_the_upstream() {
+        let dir = std::env::temp_dir().join(format!("dotproxy-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        let pem = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.self_signed(&key).unwrap().pem()
+        };
+        std::fs::write(&ca, pem()).unwrap();
+        let args = ["--upstream", "192.0.2.1#a.test", "--ca-file", ca.to_str().unwrap()];
+        let mut p = pool(&args);
+        p.observe(0, Duration::from_millis(3));
+        // Same file: the running upstream stays, counters and all.
+        p.reload(&config(&args)).unwrap();
+        assert_eq!(p.upstreams.iter().map(|(i, _)| i).collect::<Vec<_>>(), vec![0]);
+        // Same path, other contents (an operator removed a CA): a new
+        // upstream with the new trust; the old one, with no connections, is
+        // gone.
+        std::fs::write(&ca, pem()).unwrap();
+        p.reload(&config(&args)).unwrap();
+        let keys: Vec<usize> = p.upstreams.iter().map(|(i, _)| i).collect();
+        assert_eq!(keys, vec![1]);
+        assert_eq!(p.upstreams[1].stats.answers, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
