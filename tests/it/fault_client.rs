@@ -457,7 +457,11 @@ fn u15_retransmission_while_in_flight() {
     let sock = udp_socket();
     let q = query(0x1515, "again.example");
     sock.send_to(&q, s.proxy.udp_addr()).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // In flight: the upstream has it (and answers 200 ms later).
+    assert!(
+        s.upstream.wait_until(deadline_ms(2000), |st| !st.queries.is_empty()),
+        "first copy never reached the upstream"
+    );
     sock.send_to(&q, s.proxy.udp_addr()).unwrap();
     let mut got = Vec::new();
     // Bounded: at most 3 receives, each with a deadline.

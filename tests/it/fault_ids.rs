@@ -227,7 +227,12 @@ fn i6_late_answer_never_reaches_the_next_tcp_client() {
         let new_name = format!("new{round}.example");
         let mut old = TcpClient::connect(s.proxy.tcp_addr());
         old.send(&query(0x6666, &old_name));
-        std::thread::sleep(Duration::from_millis(2));
+        // In flight: the upstream has it (and answers 50 ms later).
+        assert!(
+            s.upstream
+                .wait_until(deadline_ms(2000), |st| st.queries.iter().any(|q| q.qname() == old_name)),
+            "round {round}: the old client's query never reached the upstream"
+        );
         drop(old);
         let mut new = TcpClient::connect(s.proxy.tcp_addr());
         new.send(&query(0x6666, &new_name));
@@ -272,7 +277,9 @@ fn i7_replaced_connection_not_disturbed_by_old_timers() {
     ask(1, "one.example");
     assert!(s.upstream.wait_until(deadline_ms(1000), |st| st.open == 0));
     ask(2, "two.example");
-    // Past the old connection's idle (400 ms) and handshake (500 ms) timers.
+    // The stimulus is time itself: let the old connection's idle (400 ms)
+    // and handshake (500 ms) timers come due. A stale timer that is rightly
+    // ignored leaves nothing to observe, so this is a plain sleep.
     std::thread::sleep(Duration::from_millis(700));
     ask(3, "three.example");
     let st = s.upstream.stats();

@@ -37,7 +37,9 @@ fn r1_per_address_in_flight_cap() {
     let t0 = Instant::now();
     let (flood, other_answer) = std::thread::scope(|sc| {
         let h = sc.spawn(|| udp_bulk(addr, &qs, 5000, None, deadline_ms(5000)));
-        std::thread::sleep(Duration::from_millis(50));
+        // The flood has reached the cap: 127.0.0.1 is being refused.
+        let (_, capped) = s.proxy.wait_metrics(deadline_ms(3000), |m| m.rejected("busy") >= 1.0);
+        assert!(capped, "the flood never reached the cap of 50");
         let r = udp_exchange_on(&other, addr, &query(0x0202, "other.example"), deadline_ms(2000));
         (h.join().unwrap(), r)
     });
@@ -104,7 +106,16 @@ fn r1_busy_refused_no_bigger_than_the_query() {
 fn r2_many_tcp_clients() {
     let (s, fds) = Setup::observed(Script::default(), 2000, &["--max-tcp-clients", "20"]);
     let mut conns: Vec<TcpClient> = (0..30).map(|_| TcpClient::connect(s.proxy.tcp_addr())).collect();
-    std::thread::sleep(Duration::from_millis(100));
+    // The proxy has accepted all 30: 20 kept, 10 closed.
+    let (m, ok) = s.proxy.wait_metrics(deadline_ms(2000), |m| {
+        m.tcp_clients() == 20.0 && m.sum("dotproxy_tcp_connections_refused_total") == 10.0
+    });
+    assert!(
+        ok,
+        "{} clients kept, {} refused",
+        m.tcp_clients(),
+        m.sum("dotproxy_tcp_connections_refused_total")
+    );
     let (mut served, mut closed) = (0, 0);
     for (i, c) in conns.iter_mut().enumerate() {
         let _ = c.stream.write_all(&frame(&query(i as u16, "many.example")));
@@ -167,6 +178,7 @@ fn r3_out_of_file_descriptors_no_spin() {
     let fds_now = s.proxy.open_fds();
     assert!(fds_now <= 66, "{fds_now} fds open with a limit of 64");
     let cpu0 = s.proxy.cpu_ticks();
+    // The measurement window: CPU used over 2 s while accept keeps failing.
     std::thread::sleep(Duration::from_millis(2000));
     let cpu = s.proxy.cpu_ticks() - cpu0;
     assert!(cpu <= 20, "{cpu} ticks of CPU in 2 s while out of fds: a busy loop");
@@ -202,6 +214,7 @@ fn r6_idle_and_upstream_down_cpu_near_zero() {
     let r = udp_exchange(down.udp_addr(), &query(2, "down.example"), deadline_ms(2000));
     assert_eq!(Message::must(&r.expect("down")).rcode, RCODE_SERVFAIL);
     let (a0, b0) = (idle.proxy.cpu_ticks(), down.cpu_ticks());
+    // The measurement window: CPU used over 2 s of doing nothing.
     std::thread::sleep(Duration::from_millis(2000));
     let (a, b) = (idle.proxy.cpu_ticks() - a0, down.cpu_ticks() - b0);
     assert!(a <= 3, "idle proxy used {a} ticks in 2 s");
@@ -277,7 +290,11 @@ fn l1_sigterm_with_queries_in_flight() {
     assert!(s.upstream.wait_until(deadline_ms(2000), |st| st.queries.len() >= 15));
     let t0 = Instant::now();
     s.proxy.kill_term();
-    std::thread::sleep(Duration::from_millis(50));
+    // The proxy logs this as it stops taking new work.
+    assert!(
+        s.proxy.wait_for_log("shutting down", deadline_ms(2000)),
+        "no 'shutting down' line after SIGTERM"
+    );
     // No new work: a new UDP query goes unanswered, a new TCP connection is
     // refused or closed.
     let late = udp_socket();
@@ -334,17 +351,31 @@ fn l2_client_reset_mid_write() {
     for round in 0..5u16 {
         let c = TcpClient::connect(s.proxy.tcp_addr());
         set_rcvbuf(&c.stream, 4096);
+        // Eight 50 KB answers: 400 KB, under the 512 KiB of unread answers
+        // at which the proxy closes the client itself, so that it is still
+        // writing when the reset comes.
         let mut buf = Vec::new();
-        for i in 0..40u16 {
+        for i in 0..8u16 {
             buf.extend_from_slice(&frame(&query(round * 100 + i, "txt200.example")));
         }
         let mut c = c;
         c.stream.write_all(&buf).unwrap();
-        std::thread::sleep(Duration::from_millis(30));
+        // Mid-write: the first bytes of a 50 KB answer have come, and the
+        // 4 KB receive buffer cannot hold the rest.
+        c.stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let got = c.stream.peek(&mut [0u8; 1]);
+        assert!(
+            matches!(got, Ok(n) if n > 0),
+            "round {round}: the proxy never started writing: {got:?}"
+        );
         reset(c.stream);
     }
-    std::thread::sleep(Duration::from_millis(100));
+    // The proxy has seen every reset (or died of one).
+    let gone = wait_until(deadline_ms(3000), || {
+        !s.proxy.alive() || s.proxy.metrics().tcp_clients() == 0.0
+    });
     assert!(s.proxy.alive(), "proxy died (SIGPIPE?)");
+    assert!(gone, "the reset clients are still counted");
     quiescent(&s.proxy, fds);
 }
 

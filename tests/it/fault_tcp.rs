@@ -397,6 +397,7 @@ fn t13_slowloris_disconnected() {
     let _ = c.stream.write_all(&[0xff, 0xff]);
     // Bounded: 25 bytes, 100 ms apart.
     for i in 0..25u8 {
+        // The stimulus: the slowloris client itself, one byte per 100 ms.
         std::thread::sleep(Duration::from_millis(100));
         if c.stream.write_all(&[i]).is_err() {
             closed_at = Some(t0.elapsed());
@@ -439,6 +440,8 @@ fn t14_idle_closed_busy_kept() {
             i,
             &name,
         );
+        // The stimulus: the busy client asks every 150 ms, inside the
+        // 500 ms idle timeout.
         std::thread::sleep(Duration::from_millis(150));
     }
     let (closed, _) = wait_closed(&mut idle, deadline_ms(10));
@@ -523,7 +526,12 @@ fn t18_reset_with_answers_pending() {
         let mut c = TcpClient::connect(s.proxy.tcp_addr());
         let msgs: Vec<_> = (0..5).map(|i| query(round * 10 + i, "pending.example")).collect();
         c.send_many(&msgs);
-        std::thread::sleep(Duration::from_millis(20));
+        // Pending: the upstream has all five (and answers 200 ms later).
+        let sent = (usize::from(round) + 1) * 5;
+        assert!(
+            s.upstream.wait_until(deadline_ms(2000), |st| st.queries.len() >= sent),
+            "round {round}: the queries never reached the upstream"
+        );
         reset(c.stream);
     }
     assert!(s.proxy.alive(), "proxy died");

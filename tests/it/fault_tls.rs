@@ -173,6 +173,8 @@ fn a6_handshake_never_completes() {
     while t0.elapsed() < Duration::from_millis(1500) {
         expect_servfail_ede(&p, 0xA600 + n, &[22, 23], Duration::from_millis(900), "later query");
         n += 1;
+        // The stimulus: a query every 50 ms, against which the number of
+        // connection attempts is measured.
         std::thread::sleep(Duration::from_millis(50));
     }
     let accepts = up.accepts();
@@ -197,6 +199,8 @@ fn a7_connection_refused() {
     let t0 = Instant::now();
     for i in 0..40u16 {
         expect_servfail_ede(&p, 0xA700 + i, &[23], Duration::from_millis(200), "refused");
+        // The stimulus: a query every 25 ms, against which connection
+        // attempts and CPU time are measured.
         std::thread::sleep(Duration::from_millis(25));
     }
     let elapsed = t0.elapsed();

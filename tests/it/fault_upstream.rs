@@ -77,6 +77,8 @@ fn c1_upstream_down_at_start_then_appears() {
         assert_servfail_ede(&m.expect("no answer"), 0xC100 + n, 23, "down at start");
         assert!(took < Duration::from_millis(200), "SERVFAIL after {took:?}");
         n += 1;
+        // The stimulus: a query every 40 ms for 1.2 s, against which the
+        // number of connection attempts is measured.
         std::thread::sleep(Duration::from_millis(40));
     }
     let connects = p.metrics().sum("dotproxy_upstream_connects_total");
@@ -116,16 +118,19 @@ fn c2_upstream_goes_away_and_returns_backoff_reset() {
             .is_some_and(|m| m.rcode == RCODE_NOERROR)
     };
     assert!(ok(1));
-    // Outage 1: several failed attempts, the back-off grows to >= 1 s.
+    // Outage 1: queries (which make the proxy try again once its back-off
+    // allows) until three attempts have failed: the back-off (250, 500,
+    // 1000 ms) has then grown to about 1 s.
     up.stop();
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(1300) {
+    let outage1 = deadline_ms(5000);
+    let mut failures1 = 0.0;
+    // Bounded by the deadline.
+    while failures1 < 3.0 {
+        assert!(Instant::now() < outage1, "{failures1} failures in 5 s of outage 1");
         let (m, _) = timed_udp(&p, &query(2, "c2.example"));
         assert_eq!(m.expect("answer").rcode, RCODE_SERVFAIL);
-        std::thread::sleep(Duration::from_millis(30));
+        failures1 = p.metrics().sum("dotproxy_upstream_failures_total");
     }
-    let failures1 = p.metrics().sum("dotproxy_upstream_failures_total");
-    assert!(failures1 >= 3.0, "{failures1} failures in outage 1");
     let up = TestUpstream::start_on(addr, leaf.server_config(), Script::default());
     assert!(
         crate::util::wait_until(deadline_ms(4000), || ok(3)),
@@ -221,6 +226,9 @@ fn silent_connection(warm_a: bool) {
     let t0 = Instant::now();
     s1.send_to(&query_opt(0xC402, "first.example", OptSpec::new(1232)), p.udp_addr())
         .unwrap();
+    // The stimulus: Q3 goes out 300 ms after Q1, well inside Q1's deadline,
+    // so that when Q1's deadline comes the connection has been silent for
+    // all of it while Q3 is still waiting.
     std::thread::sleep(Duration::from_millis(300));
     s3.send_to(&query(0xC403, "third.example"), p.udp_addr()).unwrap();
     let r1 = udp_recv(&s1, deadline_ms(3000)).expect("first: nothing");
@@ -392,6 +400,8 @@ fn c9_every_connection_closed_unanswered() {
         let m = m.unwrap_or_else(|| panic!("query {i}: no answer"));
         assert_eq!(m.rcode, RCODE_SERVFAIL, "query {i}");
         assert!(took < Duration::from_millis(1100), "query {i}: {took:?}");
+        // The stimulus: queries 60 ms apart, against which the number of
+        // reconnects is measured.
         std::thread::sleep(Duration::from_millis(60));
     }
     let mut per_name: HashMap<String, usize> = HashMap::new();
@@ -434,7 +444,13 @@ fn c10_keepalive_zero_drains_connection() {
     pending
         .send_to(&query(0xCA00, "pending.example"), s.proxy.udp_addr())
         .unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        s.upstream.wait_until(deadline_ms(2000), |st| st
+            .queries
+            .iter()
+            .any(|q| q.qname() == "pending.example")),
+        "pending query never reached the upstream"
+    );
     let (m, _) = timed_udp(&s.proxy, &query(0xCA01, "ka0.example"));
     assert_eq!(m.expect("ka0").rcode, RCODE_NOERROR);
     let (m, _) = timed_udp(&s.proxy, &query(0xCA02, "new.example"));
@@ -501,7 +517,15 @@ fn c12_server_closes_idle_connection() {
     let (m, _) = timed_udp(&s.proxy, &query(0xCC00, "one.example"));
     assert_eq!(m.expect("one").rcode, RCODE_NOERROR);
     assert!(s.upstream.wait_until(deadline_ms(2000), |st| st.open == 0));
-    std::thread::sleep(Duration::from_millis(50));
+    // The proxy has taken the close in (no connection left on its side).
+    let (m, ok) = s
+        .proxy
+        .wait_metrics(deadline_ms(2000), |m| m.upstream_connections() == 0.0);
+    assert!(
+        ok,
+        "proxy still counts {} upstream connections",
+        m.upstream_connections()
+    );
     let (m, took) = timed_udp(&s.proxy, &query(0xCC01, "two.example"));
     assert_eq!(m.expect("two").rcode, RCODE_NOERROR);
     assert!(took < Duration::from_millis(300), "{took:?}");
@@ -567,6 +591,8 @@ fn c15_first_of_two_down_retried_and_used_again() {
         assert_default_answer(&r.expect("answer"), n, &name);
         assert!(took < Duration::from_millis(300), "{took:?}");
         n += 1;
+        // The stimulus: a query every 30 ms for 1.2 s, against which the
+        // first upstream's connection attempts are measured.
         std::thread::sleep(Duration::from_millis(30));
     }
     let m = p.metrics();
@@ -607,7 +633,11 @@ fn c16_one_connection_dies_other_client_unaffected() {
     let (p, fds) = proxy_over(&ca, &[a.arg(NAME), b.arg(NAME)], 2000);
     let x = udp_socket();
     x.send_to(&query(0xD000, "x1.example"), p.udp_addr()).unwrap();
-    std::thread::sleep(Duration::from_millis(10));
+    let has_x1 = |u: &TestUpstream| u.queries().iter().any(|q| q.qname() == "x1.example");
+    assert!(
+        crate::util::wait_until(deadline_ms(2000), || has_x1(&a) || has_x1(&b)),
+        "x1 never reached an upstream"
+    );
     let mut y = TcpClient::connect(p.tcp_addr());
     let t0 = Instant::now();
     let mut i = 0u16;
@@ -624,6 +654,8 @@ fn c16_one_connection_dies_other_client_unaffected() {
             t.elapsed()
         );
         i += 1;
+        // The stimulus: y keeps asking, every 20 ms, while x1's connection
+        // dies (100 ms after x1 reached it).
         std::thread::sleep(Duration::from_millis(20));
     }
     let r = udp_recv(&x, deadline_ms(2000)).expect("x1: nothing");

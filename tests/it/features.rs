@@ -241,6 +241,8 @@ fn cache_answers_repeats_with_aged_ttl() {
     let first = ask(&proxy, 1, "cached.example");
     assert_default_answer(&first, 1, "cached.example");
     assert_eq!(ttl_of(&first), 60);
+    // The stimulus: over a second must pass for the cached TTL (whole
+    // seconds) to age.
     std::thread::sleep(Duration::from_millis(1100));
     let q2 = query(2, "CACHED.example");
     let again = udp_exchange(proxy.udp_addr(), &q2, deadline_ms(5000)).expect("answer");
