@@ -14,8 +14,8 @@ use crate::util::dns::{frame, Message, RCODE_NOERROR, RCODE_SERVFAIL};
 use crate::util::net::{reset, set_rcvbuf};
 use crate::util::wire::{query_opt, OptSpec, RCODE_REFUSED};
 use crate::util::{
-    dead_port, deadline_ms, query, quiescent, quiescent_idle, run_to_exit, tcp_exchange, udp_exchange, udp_exchange_on,
-    udp_recv, udp_socket, wait_until, Script, Setup, TcpClient, TcpEvent, TestCa, TestProxy, NAME,
+    dead_port, deadline_ms, observed_over, query, quiescent, quiescent_idle, run_to_exit, tcp_exchange, udp_exchange,
+    udp_exchange_on, udp_recv, udp_socket, wait_until, Script, Setup, TcpClient, TcpEvent, TestCa, NAME,
 };
 
 /// R1: one address floods a slow upstream; `--max-inflight-per-ip 50`
@@ -196,18 +196,7 @@ fn r6_idle_and_upstream_down_cpu_near_zero() {
     let (idle, idle_fds) = Setup::observed(Script::default(), 2000, &[]);
     assert!(udp_exchange(idle.proxy.udp_addr(), &query(1, "idle.example"), deadline_ms(2000)).is_some());
     let ca = TestCa::new();
-    let down_arg = format!("127.0.0.1:{}#{NAME}", dead_port());
-    let down = TestProxy::start(&[
-        "--upstream",
-        &down_arg,
-        "--ca-file",
-        ca.pem_path_str(),
-        "--timeout",
-        "1000",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
-    let down_fds = down.baseline_fds();
+    let (down, down_fds) = observed_over(&ca, &[format!("127.0.0.1:{}#{NAME}", dead_port())], 1000);
     let r = udp_exchange(down.udp_addr(), &query(2, "down.example"), deadline_ms(2000));
     assert_eq!(Message::must(&r.expect("down")).rcode, RCODE_SERVFAIL);
     let (a0, b0) = (idle.proxy.cpu_ticks(), down.cpu_ticks());

@@ -11,12 +11,12 @@ use crate::util::client::udp_bulk;
 use crate::util::dns::{self, frame, Message, RCODE_NOERROR, RCODE_SERVFAIL};
 use crate::util::upstream::first_label_starts_with;
 use crate::util::wire::{
-    self, ede_of, option_codes, query_opt, OptSpec, Resp, OPT_COOKIE, OPT_KEEPALIVE, OPT_NSID, OPT_PADDING,
-    RCODE_NXDOMAIN, RCODE_REFUSED,
+    self, assert_servfail_ede, ede_of, option_codes, query_opt, OptSpec, Resp, OPT_COOKIE, OPT_KEEPALIVE, OPT_NSID,
+    OPT_PADDING, RCODE_NXDOMAIN, RCODE_REFUSED,
 };
 use crate::util::{
-    dead_port, deadline_ms, query, quiescent, quiescent_idle, udp_exchange, udp_recv, udp_socket, Action, CloseKind,
-    HookCtx, Script, Setup, TcpClient, TestCa, TestProxy, TestUpstream, NAME,
+    dead_port, deadline_ms, observed_over, query, quiescent, quiescent_idle, tcp_exchange, udp_exchange, udp_recv,
+    udp_socket, Action, CloseKind, HookCtx, Script, Setup, TcpClient, TestCa, TestProxy, TestUpstream, NAME,
 };
 
 /// Sends `q` from a fresh socket and returns (parsed answer, time taken).
@@ -32,33 +32,6 @@ fn timed_udp_raw(p: &TestProxy, q: &[u8]) -> (Option<Vec<u8>>, Duration) {
     (r, t.elapsed())
 }
 
-fn assert_servfail_ede(m: &Message, id: u16, ede: u16, what: &str) {
-    assert_eq!(m.id, id, "{what}: ID");
-    assert_eq!(m.rcode, RCODE_SERVFAIL, "{what}: rcode");
-    let got = ede_of(m);
-    assert!(got.iter().any(|(c, _)| *c == ede), "{what}: EDE {got:?}, wanted {ede}");
-}
-
-/// A proxy over several upstreams (in order), trusting `ca`, with metrics.
-fn proxy_over(ca: &TestCa, upstreams: &[String], timeout_ms: u64) -> (TestProxy, usize) {
-    let t = timeout_ms.to_string();
-    let mut args: Vec<&str> = Vec::new();
-    for u in upstreams {
-        args.extend_from_slice(&["--upstream", u.as_str()]);
-    }
-    args.extend_from_slice(&[
-        "--ca-file",
-        ca.pem_path_str(),
-        "--timeout",
-        &t,
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
-    let p = TestProxy::start(&args);
-    let fds = p.baseline_fds();
-    (p, fds)
-}
-
 // ---------------------------------------------------------------- C ----
 
 /// C1: the upstream is down when the proxy starts: SERVFAIL + EDE 23 at
@@ -68,13 +41,13 @@ fn proxy_over(ca: &TestCa, upstreams: &[String], timeout_ms: u64) -> (TestProxy,
 fn c1_upstream_down_at_start_then_appears() {
     let ca = TestCa::new();
     let port = dead_port();
-    let (p, fds) = proxy_over(&ca, &[format!("127.0.0.1:{port}#{NAME}")], 1000);
+    let (p, fds) = observed_over(&ca, &[format!("127.0.0.1:{port}#{NAME}")], 1000);
     let cpu0 = p.cpu_ticks();
     let t0 = Instant::now();
     let mut n = 0u16;
     while t0.elapsed() < Duration::from_millis(1200) {
         let (m, took) = timed_udp(&p, &query_opt(0xC100 + n, "c1.example", OptSpec::new(1232)));
-        assert_servfail_ede(&m.expect("no answer"), 0xC100 + n, 23, "down at start");
+        assert_servfail_ede(&m.expect("no answer"), 0xC100 + n, &[23], "down at start");
         assert!(took < Duration::from_millis(200), "SERVFAIL after {took:?}");
         n += 1;
         // The stimulus: a query every 40 ms for 1.2 s, against which the
@@ -111,7 +84,7 @@ fn c2_upstream_goes_away_and_returns_backoff_reset() {
     let leaf = ca.leaf(&[NAME]);
     let mut up = TestUpstream::start(leaf.server_config(), Script::default());
     let addr = up.addr();
-    let (p, fds) = proxy_over(&ca, &[up.arg(NAME)], 1000);
+    let (p, fds) = observed_over(&ca, &[up.arg(NAME)], 1000);
     let ok = |id: u16| {
         timed_udp(&p, &query(id, "c2.example"))
             .0
@@ -156,9 +129,10 @@ fn c2_upstream_goes_away_and_returns_backoff_reset() {
     drop(up2);
 }
 
-/// C3 + M4: one query slower than the deadline gets SERVFAIL + EDE 22;
-/// queries on the same connection are unaffected; its late answer is
-/// dropped (tombstone) and counted, never delivered; the connection stays.
+/// C3 + M4: one query slower than the deadline gets SERVFAIL + EDE 22 at
+/// the deadline, not before; queries on the same connection are
+/// unaffected; its late answer is dropped (tombstone) and counted, never
+/// delivered; the connection stays.
 #[test]
 fn c3_m4_slow_query_times_out_late_answer_dropped() {
     let script = Script {
@@ -167,6 +141,7 @@ fn c3_m4_slow_query_times_out_late_answer_dropped() {
     };
     let (s, fds) = Setup::observed(script, 500, &[]);
     let slow = udp_socket();
+    let t_slow = Instant::now();
     slow.send_to(
         &query_opt(0xC300, "slow.example", OptSpec::new(1232)),
         s.proxy.udp_addr(),
@@ -179,7 +154,12 @@ fn c3_m4_slow_query_times_out_late_answer_dropped() {
         assert!(took < Duration::from_millis(200), "{name} delayed {took:?}");
     }
     let r = udp_recv(&slow, deadline_ms(2000)).expect("slow query: nothing");
-    assert_servfail_ede(&Message::must(&r), 0xC300, 22, "slow query");
+    assert_servfail_ede(&Message::must(&r), 0xC300, &[22], "slow query");
+    let took = t_slow.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "slow query: SERVFAIL after {took:?} with --timeout 500"
+    );
     let (m, ok) = s
         .proxy
         .wait_metrics(deadline_ms(2000), |m| m.upstream_dropped("late") >= 1.0);
@@ -211,7 +191,7 @@ fn silent_connection(warm_a: bool) {
                 .then(|| vec![Action::Delay(Duration::from_millis(50)), Action::Answer])
         }),
     );
-    let (p, fds) = proxy_over(&ca, &[b.arg(NAME), a.arg(NAME)], 1000);
+    let (p, fds) = observed_over(&ca, &[b.arg(NAME), a.arg(NAME)], 1000);
     let warm = |id: u16, name: &str| {
         let (m, _) = timed_udp(&p, &query(id, name));
         assert_eq!(m.expect("warm-up").rcode, RCODE_NOERROR, "{name}");
@@ -232,7 +212,7 @@ fn silent_connection(warm_a: bool) {
     std::thread::sleep(Duration::from_millis(300));
     s3.send_to(&query(0xC403, "third.example"), p.udp_addr()).unwrap();
     let r1 = udp_recv(&s1, deadline_ms(3000)).expect("first: nothing");
-    assert_servfail_ede(&Message::must(&r1), 0xC402, 22, "first");
+    assert_servfail_ede(&Message::must(&r1), 0xC402, &[22], "first");
     let r3 = udp_recv(&s3, deadline_ms(3000)).expect("third: nothing");
     let t3 = t0.elapsed();
     let on_a: Vec<String> = a.queries().iter().map(|q| q.qname()).collect();
@@ -582,7 +562,7 @@ fn c15_first_of_two_down_retried_and_used_again() {
     let port = dead_port();
     let first = format!("127.0.0.1:{port}#{NAME}");
     let second = TestUpstream::for_name(&ca, NAME, Script::default());
-    let (p, fds) = proxy_over(&ca, &[first.clone(), second.arg(NAME)], 1000);
+    let (p, fds) = observed_over(&ca, &[first.clone(), second.arg(NAME)], 1000);
     let t0 = Instant::now();
     let mut n = 0u16;
     while t0.elapsed() < Duration::from_millis(1200) {
@@ -595,6 +575,13 @@ fn c15_first_of_two_down_retried_and_used_again() {
         // first upstream's connection attempts are measured.
         std::thread::sleep(Duration::from_millis(30));
     }
+    // TCP clients are served by the second upstream too.
+    let r = tcp_exchange(p.tcp_addr(), &query(0xCF10, "c15-tcp.example"), deadline_ms(3000));
+    assert_default_answer(
+        &r.expect("TCP query while the first is down"),
+        0xCF10,
+        "c15-tcp.example",
+    );
     let m = p.metrics();
     let label = format!("127.0.0.1:{port}#{NAME}");
     let connects = m.labeled("dotproxy_upstream_connects_total", "upstream", &label);
@@ -630,7 +617,7 @@ fn c16_one_connection_dies_other_client_unaffected() {
         }),
     );
     let b = TestUpstream::for_name(&ca, NAME, Script::default());
-    let (p, fds) = proxy_over(&ca, &[a.arg(NAME), b.arg(NAME)], 2000);
+    let (p, fds) = observed_over(&ca, &[a.arg(NAME), b.arg(NAME)], 2000);
     let x = udp_socket();
     x.send_to(&query(0xD000, "x1.example"), p.udp_addr()).unwrap();
     let has_x1 = |u: &TestUpstream| u.queries().iter().any(|q| q.qname() == "x1.example");
@@ -682,7 +669,7 @@ fn m1_unknown_id_dropped_query_times_out() {
     });
     let (s, fds) = Setup::observed(script, 500, &[]);
     let (m, took) = timed_udp(&s.proxy, &query_opt(0xE100, "stray.example", OptSpec::new(1232)));
-    assert_servfail_ede(&m.expect("nothing"), 0xE100, 22, "stray");
+    assert_servfail_ede(&m.expect("nothing"), 0xE100, &[22], "stray");
     assert!(took >= Duration::from_millis(400), "{took:?}");
     let m = s.proxy.metrics();
     assert_eq!(m.upstream_dropped("unknown_id"), 1.0);
@@ -709,7 +696,7 @@ fn m2_wrong_question_dropped() {
     let (r, _) = timed_udp_raw(&s.proxy, &query(0xE200, "then-right.example"));
     assert_default_answer(&r.expect("nothing"), 0xE200, "then-right.example");
     let (m, _) = timed_udp(&s.proxy, &query_opt(0xE201, "only-wrong.example", OptSpec::new(1232)));
-    assert_servfail_ede(&m.expect("nothing"), 0xE201, 22, "only wrong");
+    assert_servfail_ede(&m.expect("nothing"), 0xE201, &[22], "only wrong");
     let m = s.proxy.metrics();
     assert_eq!(m.upstream_dropped("wrong_question"), 2.0);
     quiescent(&s.proxy, fds);
@@ -758,7 +745,7 @@ fn m5_malformed_body_servfail_connection_kept() {
     for (i, name) in ["badlabel.example", "pastend.example"].into_iter().enumerate() {
         let id = 0xE500 + i as u16;
         let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::new(1232)));
-        assert_servfail_ede(&m.expect("nothing"), id, 0, name);
+        assert_servfail_ede(&m.expect("nothing"), id, &[0], name);
         assert!(took < Duration::from_millis(300), "{name}: {took:?}");
     }
     let (m, _) = timed_udp(&s.proxy, &query(0xE510, "fine.example"));
@@ -776,7 +763,7 @@ fn broken_then_elsewhere(action: fn(&[u8]) -> Vec<Action>, what: &str) {
         Script::default().with_hook(move |ctx| first_label_starts_with(ctx.query, "bad").then(|| action(ctx.query))),
     );
     let b = TestUpstream::for_name(&ca, NAME, Script::default());
-    let (p, fds) = proxy_over(&ca, &[a.arg(NAME), b.arg(NAME)], 2000);
+    let (p, fds) = observed_over(&ca, &[a.arg(NAME), b.arg(NAME)], 2000);
     let (r, took) = timed_udp_raw(&p, &query(0xE600, "bad.example"));
     assert_default_answer(&r.expect("nothing"), 0xE600, "bad.example");
     assert!(took < Duration::from_millis(500), "{what}: {took:?}");
@@ -947,7 +934,7 @@ fn m10_compression_loops_chains_and_long_names() {
     {
         let id = 0xEA00 + i as u16;
         let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::new(1232)));
-        assert_servfail_ede(&m.expect("nothing"), id, 0, name);
+        assert_servfail_ede(&m.expect("nothing"), id, &[0], name);
         assert!(took < Duration::from_millis(300), "{name}: {took:?}");
     }
     quiescent(&s.proxy, fds);
@@ -979,7 +966,7 @@ fn m11_opt_abuse_in_answers() {
     });
     let (s, fds) = Setup::observed(script, 2000, &[]);
     let (m, _) = timed_udp(&s.proxy, &query_opt(0xEB00, "twoopt.example", OptSpec::new(1232)));
-    assert_servfail_ede(&m.expect("nothing"), 0xEB00, 0, "two OPTs");
+    assert_servfail_ede(&m.expect("nothing"), 0xEB00, &[0], "two OPTs");
     let (m, took) = timed_udp(&s.proxy, &query_opt(0xEB01, "manyopt.example", OptSpec::new(1232)));
     let m = m.expect("nothing");
     assert!(took < Duration::from_millis(300), "{took:?}");
@@ -1089,7 +1076,7 @@ fn m14_header_only_answers() {
     }
     for (id, name) in [(0xEE02u16, "noerror.example"), (0xEE03, "nxdomain.example")] {
         let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::new(1232)));
-        assert_servfail_ede(&m.expect("nothing"), id, 22, name);
+        assert_servfail_ede(&m.expect("nothing"), id, &[22], name);
         assert!(took >= Duration::from_millis(400), "{name}: {took:?}");
     }
     assert_eq!(s.proxy.metrics().upstream_dropped("wrong_question"), 2.0);

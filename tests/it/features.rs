@@ -33,15 +33,7 @@ fn base64(data: &[u8]) -> String {
 }
 
 fn pinned_proxy(ca: &TestCa, up: &TestUpstream, spec: &str) -> TestProxy {
-    let upstream = format!("{}{spec}", up.addr());
-    TestProxy::start(&[
-        "--upstream",
-        &upstream,
-        "--ca-file",
-        ca.pem_path_str(),
-        "--timeout",
-        "2000",
-    ])
+    TestProxy::over(ca, &[format!("{}{spec}", up.addr())], 2000, &[])
 }
 
 fn ask(proxy: &TestProxy, id: u16, name: &str) -> Vec<u8> {
@@ -165,18 +157,7 @@ fn split_forwarding_longest_zone_wins() {
     let (p, c, l) = (public.arg(NAME), corp.arg(NAME), lab.arg(NAME));
     let corp_fwd = format!("corp.example={c}");
     let lab_fwd = format!("lab.corp.example={l}@ca={}", ca.pem_path_str());
-    let proxy = TestProxy::start(&[
-        "--upstream",
-        &p,
-        "--forward",
-        &corp_fwd,
-        "--forward",
-        &lab_fwd,
-        "--ca-file",
-        ca.pem_path_str(),
-        "--timeout",
-        "2000",
-    ]);
+    let proxy = TestProxy::over(&ca, &[p], 2000, &["--forward", &corp_fwd, "--forward", &lab_fwd]);
     for (i, name) in [
         "www.example.com",
         "a.Corp.Example",
@@ -209,16 +190,7 @@ fn slower_upstream_gets_less_traffic() {
     let fast = TestUpstream::for_name(&ca, NAME, Script::default());
     let slow = TestUpstream::for_name(&ca, NAME, Script::delayed(Duration::from_millis(60)));
     let (f, s) = (fast.arg(NAME), slow.arg(NAME));
-    let proxy = TestProxy::start(&[
-        "--upstream",
-        &s,
-        "--upstream",
-        &f,
-        "--ca-file",
-        ca.pem_path_str(),
-        "--timeout",
-        "2000",
-    ]);
+    let proxy = TestProxy::over(&ca, &[s, f], 2000, &[]);
     for i in 0..60u16 {
         let name = format!("h{i}.example");
         assert_default_answer(&ask(&proxy, i, &name), i, &name);
