@@ -100,8 +100,9 @@ fn r1_busy_refused_no_bigger_than_the_query() {
 }
 
 /// R2: `--max-tcp-clients 20`: 30 connections at once, 20 served and 10
-/// closed at once; then 200 short-lived clients x 4 queries from 4 threads
-/// are all answered.
+/// closed at once without an answer and counted; the 20 keep working; once
+/// they leave, 200 short-lived clients x 4 queries from 4 threads are all
+/// answered.
 #[test]
 fn r2_many_tcp_clients() {
     let (s, fds) = Setup::observed(Script::default(), 2000, &["--max-tcp-clients", "20"]);
@@ -116,20 +117,26 @@ fn r2_many_tcp_clients() {
         m.tcp_clients(),
         m.sum("dotproxy_tcp_connections_refused_total")
     );
-    let (mut served, mut closed) = (0, 0);
+    let (mut served, mut closed) = (Vec::new(), 0);
     for (i, c) in conns.iter_mut().enumerate() {
         let _ = c.stream.write_all(&frame(&query(i as u16, "many.example")));
         match c.next_event(deadline_ms(1000)) {
             TcpEvent::Frame(f) => {
                 assert_default_answer(&f, i as u16, "many.example");
-                served += 1;
+                served.push(i);
             }
             TcpEvent::Closed { .. } | TcpEvent::Error(_) => closed += 1,
             TcpEvent::Timeout => panic!("connection {i}: neither served nor closed"),
         }
     }
-    assert_eq!((served, closed), (20, 10));
+    assert_eq!((served.len(), closed), (20, 10));
     assert_eq!(s.proxy.metrics().sum("dotproxy_tcp_connections_refused_total"), 10.0);
+    // The twenty keep working after the refusals.
+    for &i in &served {
+        let id = 0x100 + i as u16;
+        let r = conns[i].exchange(&query(id, "again.example"), deadline_ms(2000));
+        assert_default_answer(&r.expect("held client after the limit"), id, "again.example");
+    }
     drop(conns);
     let (_, ok) = s.proxy.wait_metrics(deadline_ms(2000), |m| m.tcp_clients() == 0.0);
     assert!(ok);
@@ -366,15 +373,20 @@ fn l2_client_reset_mid_write() {
 }
 
 /// L3: an upstream on port 53 (plain DNS) or without a name is refused at
-/// start with one line and status 2.
+/// start with status 2 and one line that names the upstream and the fault.
 #[test]
 fn l3_refuses_port_53_and_unnamed_upstreams() {
     for (spec, needle) in [("127.0.0.1:53#dns.test", "53"), ("127.0.0.1:853", "#NAME")] {
         let out = run_to_exit(&["--listen", "127.0.0.1:0", "--upstream", spec], Duration::from_secs(5));
-        let st = out.status.expect("did not exit");
-        assert_eq!(st.code(), Some(2), "{spec}: {st:?}");
+        let st = out.status.expect("did not exit within 5 s");
+        assert_eq!(st.code(), Some(2), "{spec}: {st:?}; stderr: {}", out.stderr);
         let lines: Vec<_> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{spec}: {lines:?}");
+        assert_eq!(lines.len(), 1, "{spec}: expected one stderr line, got {lines:?}");
         assert!(lines[0].contains(needle), "{spec}: {}", lines[0]);
+        assert!(
+            lines[0].contains(spec) || lines[0].to_lowercase().contains("upstream"),
+            "{spec}: the line does not say which option is wrong: {}",
+            lines[0]
+        );
     }
 }
