@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use crate::it::basic::assert_default_answer;
 use crate::util::dns::{Message, RCODE_SERVFAIL};
 use crate::util::upstream::first_label_starts_with;
 use crate::util::wire::{
@@ -178,8 +179,9 @@ fn e5_upstream_padding_stripped_before_size_check() {
 }
 
 /// E6: with or without the client's own padding option, the upstream sees
-/// exactly one padding option and a length that is a multiple of 128, over
-/// UDP and TCP; padding bytes are zero.
+/// exactly one padding option (zero bytes) and an empty edns-tcp-keepalive
+/// option, and a length that is a multiple of 128, over UDP and TCP; the
+/// answer carries an OPT exactly when the client sent one.
 #[test]
 fn e6_exactly_one_padding_option_upstream() {
     let (s, fds) = Setup::observed(Script::default(), 2000, &[]);
@@ -190,11 +192,38 @@ fn e6_exactly_one_padding_option_upstream() {
             OptSpec::new(1232).option(OPT_PADDING, &[0; 37]),
         )
     };
-    assert!(udp_exchange(s.proxy.udp_addr(), &with_pad(0xE600), deadline_ms(2000)).is_some());
-    assert!(tcp_exchange(s.proxy.tcp_addr(), &with_pad(0xE601), deadline_ms(2000)).is_some());
     let long = format!("{}.{}.example", "x".repeat(63), "y".repeat(50));
-    assert!(udp_exchange(s.proxy.udp_addr(), &query(0xE602, &long), deadline_ms(2000)).is_some());
-    assert!(tcp_exchange(s.proxy.tcp_addr(), &query(0xE603, "nopad.example"), deadline_ms(2000)).is_some());
+    let answers = [
+        (
+            udp_exchange(s.proxy.udp_addr(), &with_pad(0xE600), deadline_ms(2000)),
+            "pad-client.example",
+            true,
+        ),
+        (
+            tcp_exchange(s.proxy.tcp_addr(), &with_pad(0xE601), deadline_ms(2000)),
+            "pad-client.example",
+            true,
+        ),
+        (
+            udp_exchange(s.proxy.udp_addr(), &query(0xE602, &long), deadline_ms(2000)),
+            long.as_str(),
+            false,
+        ),
+        (
+            tcp_exchange(s.proxy.tcp_addr(), &query(0xE603, "nopad.example"), deadline_ms(2000)),
+            "nopad.example",
+            false,
+        ),
+    ];
+    for (i, (r, name, edns)) in answers.iter().enumerate() {
+        let id = 0xE600 + i as u16;
+        let m = assert_default_answer(r.as_ref().unwrap_or_else(|| panic!("{name}: no answer")), id, name);
+        assert_eq!(
+            m.opt.is_some(),
+            *edns,
+            "{name}: OPT in the answer, client sent one: {edns}"
+        );
+    }
     let up = s.upstream.queries();
     assert_eq!(up.len(), 4);
     for q in &up {
@@ -203,6 +232,11 @@ fn e6_exactly_one_padding_option_upstream() {
         let pads: Vec<_> = opts.iter().filter(|(c, _)| *c == OPT_PADDING).collect();
         assert_eq!(pads.len(), 1, "{}: {} padding options", q.qname(), pads.len());
         assert!(pads[0].1.iter().all(|&b| b == 0), "{}: padding not zero", q.qname());
+        assert!(
+            opts.iter().any(|(c, d)| *c == OPT_KEEPALIVE && d.is_empty()),
+            "{}: no empty keepalive option: {opts:?}",
+            q.qname()
+        );
     }
     quiescent(&s.proxy, fds);
 }
