@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::it::basic::assert_default_answer;
-use crate::util::dns::{Message, RCODE_SERVFAIL};
+use crate::util::dns::{Message, RCODE_NOERROR, RCODE_SERVFAIL};
 use crate::util::upstream::first_label_starts_with;
 use crate::util::wire::{
     self, ede_of, opt_of, option_codes, query_opt, OptSpec, Resp, OPT_EDE, OPT_KEEPALIVE, OPT_PADDING, RCODE_NXDOMAIN,
@@ -40,18 +40,41 @@ fn udp(s: &Setup, q: &[u8]) -> (Message, Vec<u8>) {
 }
 
 /// `size` fits the client (full answer of exactly that size) and
-/// `size + 1` does not (minimal TC answer within the budget).
+/// `size + 1` does not (minimal TC answer within the budget: the header
+/// with the client's ID and RCODE, the question, no records, and an OPT
+/// exactly when the client sent one).
 fn edge(s: &Setup, id: u16, make: impl Fn(u16, &str) -> Vec<u8>, size: usize, with_opt: bool, what: &str) {
     let suffix = if with_opt { "o" } else { "" };
-    let (m, r) = udp(s, &make(id, &format!("s{size}{suffix}.example")));
+    let q = make(id, &format!("s{size}{suffix}.example"));
+    let client_opt = Message::must(&q).opt.is_some();
+    let (m, r) = udp(s, &q);
+    assert_eq!(m.id, id, "{what}: ID");
     assert!(!m.tc, "{what}: a {size}-byte answer was truncated");
     assert_eq!(r.len(), size, "{what}: answer size");
+    assert_eq!(
+        m.opt.is_some(),
+        client_opt,
+        "{what}: OPT presence must mirror the query's"
+    );
     let over = size + 1;
-    let (m, r) = udp(s, &make(id + 1, &format!("s{over}{suffix}.example")));
+    let name = format!("s{over}{suffix}.example");
+    let q = make(id + 1, &name);
+    let (m, r) = udp(s, &q);
     assert!(m.tc, "{what}: a {over}-byte answer was not truncated");
     assert!(r.len() <= size, "{what}: TC answer of {} bytes", r.len());
+    assert_eq!(
+        (m.id, m.qr, m.rcode),
+        (id + 1, true, RCODE_NOERROR),
+        "{what}: TC header"
+    );
     assert_eq!((m.ancount, m.nscount), (0, 0), "{what}: records in a TC answer");
     assert_eq!(m.qdcount, 1, "{what}: question missing");
+    assert_eq!(m.qname(), name, "{what}: question");
+    assert_eq!(
+        m.opt.is_some(),
+        client_opt,
+        "{what}: OPT presence must mirror the query's"
+    );
 }
 
 /// E1: no OPT: 512 bytes fit, 513 are truncated (TC=1, no OPT, RCODE

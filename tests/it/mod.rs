@@ -16,4 +16,3 @@ mod features;
 mod harness;
 mod malformed;
 mod pipelining;
-mod truncation;
