@@ -88,7 +88,8 @@ fn t2_hundred_queries_in_one_write() {
 }
 
 /// T3: the length prefix one byte at a time, the body in three pieces; then
-/// a whole query one byte at a time.
+/// a whole query one byte at a time; then five queries cut at awkward
+/// places (inside a length prefix, inside a message, across frames).
 #[test]
 fn t3_query_trickled_in_pieces() {
     let (s, fds) = Setup::observed(Script::default(), 2000, &[]);
@@ -103,6 +104,38 @@ fn t3_query_trickled_in_pieces() {
     c.send_split(&f, &cuts, Duration::from_millis(3));
     let r = c.recv(deadline_ms(3000)).expect("byte by byte: no answer");
     assert_default_answer(&r, 0x0304, "bytes.example");
+    let mut bytes = Vec::new();
+    for i in 0..5u16 {
+        bytes.extend_from_slice(&frame(&query(i, &format!("s{i}.example"))));
+    }
+    // Cuts inside the first prefix (1), inside messages (9, and mid-frame),
+    // at a frame's end (fl), inside a later prefix (fl + 1, 3 fl + 1), and
+    // one write carrying the end of the second frame and the start of the
+    // third.
+    let fl = bytes.len() / 5;
+    let cuts = [
+        1,
+        2,
+        9,
+        fl,
+        fl + 1,
+        fl + fl / 2,
+        2 * fl + fl / 2,
+        3 * fl + 1,
+        bytes.len() - 1,
+    ];
+    c.send_split(&bytes, &cuts, Duration::from_millis(5));
+    let answers = c.recv_n(5, deadline_ms(3000));
+    let mut ids: Vec<u16> = answers
+        .iter()
+        .map(|a| {
+            let m = Message::must(a);
+            assert_default_answer(a, m.id, &format!("s{}.example", m.id));
+            m.id
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4], "split frames");
     drop(c);
     quiescent(&s.proxy, fds);
 }
