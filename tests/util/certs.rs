@@ -178,24 +178,14 @@ impl TestCa {
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
         let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign leaf");
-        Leaf {
-            chain: vec![cert.der().clone()],
-            cert_pem: cert.pem(),
-            key_der: key.serialize_der(),
-            key_pem: key.serialize_pem(),
-        }
+        Leaf::from_parts(&cert, &key)
     }
 
     pub fn leaf_with(&self, names: &[&str], validity: Validity) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
         let params = leaf_params(names, validity);
         let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign leaf");
-        Leaf {
-            chain: vec![cert.der().clone()],
-            cert_pem: cert.pem(),
-            key_der: key.serialize_der(),
-            key_pem: key.serialize_pem(),
-        }
+        Leaf::from_parts(&cert, &key)
     }
 }
 
@@ -240,17 +230,22 @@ pub struct Leaf {
 }
 
 impl Leaf {
-    /// A self-signed leaf (no CA at all).
-    pub fn self_signed(names: &[&str]) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
-        let params = leaf_params(names, Validity::Valid);
-        let cert = params.self_signed(&key).expect("self-sign leaf");
+    /// A leaf chain of just `cert`, with its key.
+    fn from_parts(cert: &rcgen::Certificate, key: &KeyPair) -> Leaf {
         Leaf {
             chain: vec![cert.der().clone()],
             cert_pem: cert.pem(),
             key_der: key.serialize_der(),
             key_pem: key.serialize_pem(),
         }
+    }
+
+    /// A self-signed leaf (no CA at all).
+    pub fn self_signed(names: &[&str]) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let params = leaf_params(names, Validity::Valid);
+        let cert = params.self_signed(&key).expect("self-sign leaf");
+        Leaf::from_parts(&cert, &key)
     }
 
     /// A leaf issued by a fresh CA that nobody trusts.
