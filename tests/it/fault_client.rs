@@ -1,6 +1,14 @@
-//! Catalogue group U (reliability.md §3.2): hostile and odd UDP client
-//! input. Every reply the proxy makes up itself must come without any
-//! upstream traffic; every test ends with the quiescence check.
+//! Hostile and odd UDP client input: short and response datagrams, bad
+//! question counts and names, trailing garbage, other opcodes, EDNS
+//! versions and broken OPT records, unknown options and flags, zone
+//! transfers, letter case, clients sharing IDs or retransmitting, big
+//! queries, the access list. Every reply the proxy makes up itself must
+//! come without any upstream traffic; every test ends with the quiescence
+//! check.
+//!
+//! Test names start with the case's label (U1, U2, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::net::{IpAddr, UdpSocket};
 use std::time::Duration;
@@ -40,8 +48,8 @@ fn expect_local_raw(s: &Setup, q: &[u8], rcode: u8, what: &str) -> (Message, Vec
     (m, r)
 }
 
-/// A FORMERR: no EDE (reliability.md 1.10); if it echoes a question, that
-/// is the client's, byte for byte.
+/// A FORMERR, without an EDE (dotproxy attaches none to FORMERR); if it
+/// echoes a question, that is the client's, byte for byte.
 fn expect_formerr(s: &Setup, q: &[u8], what: &str) {
     let (m, r) = expect_local_raw(s, q, RCODE_FORMERR, what);
     assert!(ede_of(&m).is_empty(), "{what}: EDE on a FORMERR");
@@ -268,9 +276,9 @@ fn u9_opt_records_two_non_root_and_option_floods() {
     quiescent(&s.proxy, fds);
 }
 
-/// U9 (RFC 6891 §6.1.2, CVE-2026-42004 in reliability.md 1.5): an option
-/// whose length runs past the OPT RDATA is a malformed OPT: FORMERR, never
-/// "ignore and rewrite".
+/// U9 (RFC 6891 §6.1.2): an option whose length runs past the OPT RDATA
+/// makes the OPT malformed: FORMERR, never ignoring the overrun and
+/// rewriting the OPT.
 #[test]
 fn u9_option_length_past_rdlen_formerr() {
     let (s, fds) = Setup::observed(Script::default(), 1000, &[]);
@@ -319,8 +327,9 @@ fn u10_unknown_option_passed_unknown_flag_zeroed() {
     quiescent(&s.proxy, fds);
 }
 
-/// U10, second half: the OPT the proxy sends upstream is its own
-/// (reliability.md 1.5, RFC 6891 §6.1.4): unknown flag bits are not copied.
+/// U10, second half: the OPT the proxy sends upstream is its own, and a
+/// sender sets the Z bits to zero (RFC 6891 §6.1.4): unknown flag bits are
+/// not copied.
 #[test]
 fn u10_unknown_flag_not_forwarded_upstream() {
     let (s, fds) = Setup::observed(Script::default(), 1000, &[]);
@@ -357,8 +366,8 @@ fn u11_zone_transfers_refused_locally() {
     quiescent(&s.proxy, fds);
 }
 
-/// U11 with EDNS: the refusal carries EDE 21 "Not Supported"
-/// (reliability.md 1.10).
+/// U11 with EDNS: the refusal carries EDE 21 "Not Supported" (RFC 8914
+/// §4.22).
 #[test]
 fn u11_zone_transfer_refusal_carries_ede_21() {
     let (s, fds) = Setup::observed(Script::default(), 1000, &[]);

@@ -1,5 +1,11 @@
-//! Catalogue group E (reliability.md §3.2): EDNS, UDP sizes and
-//! truncation at the exact budget edges, padding, keepalive, EDE.
+//! EDNS: the UDP size budget (512 without EDNS, else the client's size
+//! clamped to [512, 1232]) and truncation at its exact edges, padding and
+//! keepalive options on the way up and down, extended RCODEs, Extended DNS
+//! Errors (RFC 8914).
+//!
+//! Test names start with the case's label (E1, E2, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::process::Command;
 use std::time::Duration;

@@ -1,6 +1,10 @@
-//! Catalogue group I (reliability.md §3.2): rewritten transaction IDs.
-//! Uniqueness on a connection, randomness, tombstones for late answers,
-//! edge IDs, many clients with one question, slot reuse, long runs.
+//! Rewritten transaction IDs: uniqueness on a connection, randomness,
+//! tombstones for late answers, edge IDs, many clients with one question,
+//! slot reuse, long runs.
+//!
+//! Test names start with the case's label (I1, I2, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::collections::HashSet;
 use std::io::Write;

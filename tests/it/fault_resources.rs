@@ -1,7 +1,11 @@
-//! Catalogue groups R (resources and load) and L (lifecycle),
-//! reliability.md §3.2: per-address and connection limits, running out of
-//! file descriptors, CPU when idle or when the upstream is down, memory
-//! ceilings, SIGTERM with work in flight, clients vanishing mid-write.
+//! Resources and load (R) and process lifecycle (L): per-address and
+//! connection limits, running out of file descriptors, CPU when idle or
+//! when the upstream is down, memory ceilings, SIGTERM with work in flight,
+//! clients vanishing mid-write, upstream specs refused at start.
+//!
+//! Test names start with the case's label (R1, …, L1, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::io::Write;
 use std::net::UdpSocket;

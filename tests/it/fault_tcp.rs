@@ -1,6 +1,11 @@
-//! Catalogue group T (reliability.md §3.2): TCP client framing and
-//! connection management, including slowloris, idle timeouts, clients
-//! that never read, resets and the connection limit.
+//! TCP client framing (RFC 7766) and connection management: pipelining,
+//! split and malformed frames, slowloris, idle timeouts, clients that
+//! never read, half-closes, resets, urgent data, big answers. The
+//! connection limit is in `fault_resources` (r2).
+//!
+//! Test names start with the case's label (T1, T2, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::collections::HashSet;
 use std::io::Write;

@@ -1,6 +1,14 @@
-//! Catalogue group A (reliability.md §3.2): authenticating the upstream and
-//! surviving what its TLS layer does. A5 (SPKI pins) and A10 (session
-//! resumption) are covered in `features.rs`.
+//! Authenticating the upstream and surviving what its TLS layer does:
+//! chains with and without intermediates, wrong names, expired and not yet
+//! valid certificates, unknown CAs, handshakes that never complete or are
+//! refused, servers that answer the ClientHello with something else, a
+//! TLS 1.1-only server, a certificate that changes under a live
+//! connection, KeyUpdate. SPKI pins (A5) and session resumption (A10) are
+//! tested in `features.rs`.
+//!
+//! Test names start with the case's label (A1, A2, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -130,7 +138,8 @@ fn a2_wrong_name() {
     assert_auth_fails(&ca, ca.leaf(&["other.test"]), "wrong name");
 }
 
-/// A2 (field notes): the right name in the CN but not in the SANs.
+/// A2, variant: the right name in the CN but not in the SANs (only the
+/// SANs count: RFC 6125 §6.4.4).
 #[test]
 fn a2_name_in_cn_only() {
     let ca = TestCa::new();

@@ -1,7 +1,11 @@
-//! Catalogue groups C (upstream connection faults) and M (upstream message
-//! faults), reliability.md §3.2: upstreams that are down, come back, go
-//! silent, close in every way, stop reading, announce keepalive timeouts,
-//! and send answers that are stray, late, duplicated, malformed or hostile.
+//! Upstream connection faults (C) and upstream message faults (M):
+//! upstreams that are down, come back, go silent, close in every way, stop
+//! reading, announce keepalive timeouts, and send answers that are stray,
+//! late, duplicated, malformed or hostile.
+//!
+//! Test names start with the case's label (C1, …, M1, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -978,8 +982,9 @@ fn m11_opt_abuse_in_answers() {
     quiescent(&s.proxy, fds);
 }
 
-/// Reliability.md 1.5: cookies are hop-by-hop like padding and keepalive:
-/// the upstream's server cookie is not passed to the client.
+/// A DNS cookie (RFC 7873) belongs to one client-server pair, so it is
+/// hop-by-hop like padding and keepalive: the upstream's server cookie is
+/// not passed to the client.
 #[test]
 fn m11_upstream_cookie_not_passed_to_client() {
     let script = Script::default().with_hook(|ctx| {
