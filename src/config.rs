@@ -162,6 +162,31 @@ pub struct Config {
 }
 
 /// The bounds on what clients can make the proxy hold.
+impl Config {
+    /// The options that differ in `new` but cannot change while running:
+    /// sockets are bound once (and privileges may be gone by then), the
+    /// cache is sized once, logging is set up once.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != new.listen {
+            changed.push("--listen");
+        }
+        if self.metrics != new.metrics {
+            changed.push("--metrics");
+        }
+        if self.reuseport != new.reuseport {
+            changed.push("--reuseport");
+        }
+        if self.cache_size != new.cache_size {
+            changed.push("--cache-size");
+        }
+        if self.log_level != new.log_level {
+            changed.push("--log-level");
+        }
+        changed
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_inflight: usize,
@@ -364,8 +389,10 @@ fn read_config_file(path: &std::path::Path) -> Result<Vec<std::ffi::OsString>, E
     Ok(out)
 }
 
-pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
-    let original = args.clone();
+/// The command line merged with the `--config` file (its options after
+/// the command line's, so repeatable ones add up and single ones set on
+/// the command line win, as pico-args takes the first).
+fn arguments(args: Vec<std::ffi::OsString>) -> Result<pico_args::Arguments, Exit> {
     let mut p = pico_args::Arguments::from_vec(args);
     let config_file: Option<PathBuf> = p
         .opt_value_from_os_str("--config", |s| Ok::<_, String>(PathBuf::from(s)))
@@ -381,157 +408,151 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     if p.contains(["-V", "--version"]) {
         return Err(Exit::Version);
     }
-    let usage = |e: pico_args::Error| Exit::Usage(e.to_string());
+    Ok(p)
+}
+
+fn usage(e: pico_args::Error) -> Exit {
+    Exit::Usage(e.to_string())
+}
+
+/// An optional number option within `min..=max`.
+fn number(p: &mut pico_args::Arguments, name: &'static str, min: u64, max: u64) -> Result<Option<u64>, Exit> {
+    match p.opt_value_from_str::<_, u64>(name).map_err(usage)? {
+        Some(n) if !(min..=max).contains(&n) => Err(Exit::Usage(format!("{name} {n}: expected {min} to {max}"))),
+        n => Ok(n),
+    }
+}
+
+fn limits(p: &mut pico_args::Arguments) -> Result<Limits, Exit> {
+    let mut limits = Limits::default();
+    if let Some(n) = number(p, "--max-inflight", 1, 1_000_000)? {
+        limits.max_inflight = n as usize;
+    }
+    if let Some(n) = number(p, "--max-inflight-per-ip", 1, 1_000_000)? {
+        limits.max_inflight_per_ip = n as u32;
+    }
+    if let Some(n) = number(p, "--max-tcp-clients", 1, 1_000_000)? {
+        limits.max_tcp_clients = n as usize;
+    }
+    if let Some(n) = number(p, "--max-tcp-pipeline", 1, 65_535)? {
+        limits.max_tcp_pipeline = n as u32;
+    }
+    if let Some(n) = number(p, "--max-query-size", 512, 65_535)? {
+        limits.max_query_size = n as usize;
+    }
+    if let Some(n) = number(p, "--max-tcp-clients-per-ip", 1, 1_000_000)? {
+        limits.max_tcp_clients_per_ip = n as u32;
+    }
+    if let Some(n) = number(p, "--max-tcp-queries", 0, u64::from(u32::MAX))? {
+        limits.max_tcp_queries = n;
+    }
+    if let Some(n) = number(p, "--max-upstream-conn-queries", 0, u64::from(u32::MAX))? {
+        limits.max_upstream_conn_queries = n;
+    }
+    if let Some(n) = number(p, "--tcp-idle-timeout", 100, 3_600_000)? {
+        limits.tcp_idle = Duration::from_millis(n);
+    }
+    Ok(limits)
+}
+
+/// Each value parsed by `one`, or the defaults when none was given.
+fn each<T>(given: Vec<String>, defaults: &[&str], one: impl Fn(&str) -> Result<T, Exit>) -> Result<Vec<T>, Exit> {
+    if given.is_empty() {
+        defaults.iter().map(|s| one(s)).collect()
+    } else {
+        given.iter().map(|s| one(s)).collect()
+    }
+}
+
+fn socket_addr(option: &str, s: &str) -> Result<SocketAddr, Exit> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| Exit::Usage(format!("{option} {s:?}: expected ADDR:PORT, IPv6 as [::1]:5053")))
+}
+
+fn forward(f: &str) -> Result<(String, Upstream), Exit> {
+    let (zone, up) = f
+        .split_once('=')
+        .ok_or_else(|| Exit::Usage(format!("--forward {f:?}: expected ZONE=UPSTREAM")))?;
+    let zone = zone.trim_end_matches('.').to_ascii_lowercase();
+    let valid = zone.split('.').all(|l| !l.is_empty() && l.len() <= 63) && zone.len() <= 253;
+    if !valid {
+        return Err(Exit::Usage(format!("--forward {f:?}: {zone:?} is not a zone name")));
+    }
+    Ok((zone, Upstream::parse(up).map_err(Exit::Usage)?))
+}
+
+fn timeout(ms: Option<u64>) -> Result<Duration, Exit> {
+    match ms {
+        None => Ok(Duration::from_millis(2500)),
+        Some(ms) if (50..=60_000).contains(&ms) => Ok(Duration::from_millis(ms)),
+        Some(ms) => Err(Exit::Usage(format!(
+            "--timeout {ms}: expected 50 to 60000 milliseconds"
+        ))),
+    }
+}
+
+fn log_level(given: Option<String>) -> Result<log::LevelFilter, Exit> {
+    match given {
+        Some(s) => level(&s)
+            .ok_or_else(|| Exit::Usage(format!("--log-level {s:?}: expected error, warn, info, debug or trace"))),
+        None => Ok(std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|s| level(&s))
+            .unwrap_or(log::LevelFilter::Info)),
+    }
+}
+
+fn padding(given: Option<u16>) -> Result<u16, Exit> {
+    match given.unwrap_or(128) {
+        p if p > 0 && !(16..=1024).contains(&p) => {
+            Err(Exit::Usage(format!("--padding {p}: expected 0 (off) or 16 to 1024")))
+        }
+        p => Ok(p),
+    }
+}
+
+/// Parse and check the whole configuration; nothing is bound or opened.
+pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
+    let original = args.clone();
+    let mut p = arguments(args)?;
     let listen: Vec<String> = p.values_from_str(["-l", "--listen"]).map_err(usage)?;
     let upstreams: Vec<String> = p.values_from_str(["-u", "--upstream"]).map_err(usage)?;
     let forwards: Vec<String> = p.values_from_str("--forward").map_err(usage)?;
     let ca_file: Option<PathBuf> = p
         .opt_value_from_os_str("--ca-file", |s| Ok::<_, String>(PathBuf::from(s)))
         .map_err(usage)?;
-    let timeout: Option<u64> = p.opt_value_from_str("--timeout").map_err(usage)?;
-    let log_level: Option<String> = p.opt_value_from_str("--log-level").map_err(usage)?;
+    let timeout = timeout(p.opt_value_from_str("--timeout").map_err(usage)?)?;
+    let log_level = log_level(p.opt_value_from_str("--log-level").map_err(usage)?)?;
     let allow: Vec<String> = p.values_from_str("--allow").map_err(usage)?;
     let metrics: Option<String> = p.opt_value_from_str("--metrics").map_err(usage)?;
-    let padding: Option<u16> = p.opt_value_from_str("--padding").map_err(usage)?;
-    let cache_size: Option<usize> = p.opt_value_from_str("--cache-size").map_err(usage)?;
+    let padding = padding(p.opt_value_from_str("--padding").map_err(usage)?)?;
+    let cache_size = number(&mut p, "--cache-size", 0, 10_000_000)?.unwrap_or(0) as usize;
     let reuseport = p.contains("--reuseport");
-    let mut limits = Limits::default();
-    let number = |p: &mut pico_args::Arguments, name: &'static str, min: u64, max: u64| -> Result<Option<u64>, Exit> {
-        match p
-            .opt_value_from_str::<_, u64>(name)
-            .map_err(|e| Exit::Usage(e.to_string()))?
-        {
-            Some(n) if !(min..=max).contains(&n) => Err(Exit::Usage(format!("{name} {n}: expected {min} to {max}"))),
-            n => Ok(n),
-        }
-    };
-    if let Some(n) = number(&mut p, "--max-inflight", 1, 1_000_000)? {
-        limits.max_inflight = n as usize;
-    }
-    if let Some(n) = number(&mut p, "--max-inflight-per-ip", 1, 1_000_000)? {
-        limits.max_inflight_per_ip = n as u32;
-    }
-    if let Some(n) = number(&mut p, "--max-tcp-clients", 1, 1_000_000)? {
-        limits.max_tcp_clients = n as usize;
-    }
-    if let Some(n) = number(&mut p, "--max-tcp-pipeline", 1, 65_535)? {
-        limits.max_tcp_pipeline = n as u32;
-    }
-    if let Some(n) = number(&mut p, "--max-query-size", 512, 65_535)? {
-        limits.max_query_size = n as usize;
-    }
-    if let Some(n) = number(&mut p, "--max-tcp-clients-per-ip", 1, 1_000_000)? {
-        limits.max_tcp_clients_per_ip = n as u32;
-    }
-    if let Some(n) = number(&mut p, "--max-tcp-queries", 0, u64::from(u32::MAX))? {
-        limits.max_tcp_queries = n;
-    }
-    if let Some(n) = number(&mut p, "--max-upstream-conn-queries", 0, u64::from(u32::MAX))? {
-        limits.max_upstream_conn_queries = n;
-    }
-    if let Some(n) = number(&mut p, "--tcp-idle-timeout", 100, 3_600_000)? {
-        limits.tcp_idle = Duration::from_millis(n);
-    }
-    let rest = p.finish();
-    if let Some(arg) = rest.first() {
+    let limits = limits(&mut p)?;
+    if let Some(arg) = p.finish().first() {
         return Err(Exit::Usage(format!("unexpected argument {:?} (see --help)", arg)));
     }
-
-    let listen = if listen.is_empty() {
-        vec![DEFAULT_LISTEN.to_string()]
-    } else {
-        listen
-    };
-    let listen = listen
-        .iter()
-        .map(|s| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| Exit::Usage(format!("--listen {s:?}: expected ADDR:PORT, IPv6 as [::1]:5053")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let upstreams = if upstreams.is_empty() {
-        DEFAULT_UPSTREAMS.iter().map(|s| s.to_string()).collect()
-    } else {
-        upstreams
-    };
-    let upstreams = upstreams
-        .iter()
-        .map(|s| Upstream::parse(s).map_err(Exit::Usage))
-        .collect::<Result<Vec<_>, _>>()?;
-    let timeout = match timeout {
-        None => Duration::from_millis(2500),
-        Some(ms) if (50..=60_000).contains(&ms) => Duration::from_millis(ms),
-        Some(ms) => {
-            return Err(Exit::Usage(format!(
-                "--timeout {ms}: expected 50 to 60000 milliseconds"
-            )))
-        }
-    };
-    let log_level = match log_level {
-        Some(s) => level(&s)
-            .ok_or_else(|| Exit::Usage(format!("--log-level {s:?}: expected error, warn, info, debug or trace")))?,
-        None => std::env::var("RUST_LOG")
-            .ok()
-            .and_then(|s| level(&s))
-            .unwrap_or(log::LevelFilter::Info),
-    };
     if let Some(path) = &ca_file {
         if !path.is_file() {
             return Err(Exit::Usage(format!("--ca-file {}: no such file", path.display())));
         }
     }
-    let forwards = forwards
-        .iter()
-        .map(|f| {
-            let (zone, up) = f
-                .split_once('=')
-                .ok_or_else(|| Exit::Usage(format!("--forward {f:?}: expected ZONE=UPSTREAM")))?;
-            let zone = zone.trim_end_matches('.').to_ascii_lowercase();
-            let valid = zone.split('.').all(|l| !l.is_empty() && l.len() <= 63) && zone.len() <= 253;
-            if !valid {
-                return Err(Exit::Usage(format!("--forward {f:?}: {zone:?} is not a zone name")));
-            }
-            Ok((zone, Upstream::parse(up).map_err(Exit::Usage)?))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let allow = if allow.is_empty() {
-        DEFAULT_ALLOW.iter().map(|s| s.to_string()).collect()
-    } else {
-        allow
-    };
-    let allow = allow
-        .iter()
-        .map(|s| Cidr::parse(s).map_err(Exit::Usage))
-        .collect::<Result<Vec<_>, _>>()?;
-    let metrics = metrics
-        .map(|s| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| Exit::Usage(format!("--metrics {s:?}: expected ADDR:PORT")))
-        })
-        .transpose()?;
-    let padding = padding.unwrap_or(128);
-    if padding > 0 && !(16..=1024).contains(&padding) {
-        return Err(Exit::Usage(format!(
-            "--padding {padding}: expected 0 (off) or 16 to 1024"
-        )));
-    }
     Ok(Config {
         args: original,
-        listen,
-        upstreams,
-        forwards,
+        listen: each(listen, &[DEFAULT_LISTEN], |s| socket_addr("--listen", s))?,
+        upstreams: each(upstreams, &DEFAULT_UPSTREAMS, |s| {
+            Upstream::parse(s).map_err(Exit::Usage)
+        })?,
+        forwards: each(forwards, &[], forward)?,
         ca_file,
         timeout,
         log_level,
-        allow,
-        metrics,
+        allow: each(allow, &DEFAULT_ALLOW, |s| Cidr::parse(s).map_err(Exit::Usage))?,
+        metrics: metrics.map(|s| socket_addr("--metrics", &s)).transpose()?,
         padding,
         limits,
         reuseport,
-        cache_size: match cache_size {
-            Some(n) if n > 10_000_000 => return Err(Exit::Usage(format!("--cache-size {n}: at most 10000000"))),
-            n => n.unwrap_or(0),
-        },
+        cache_size,
     })
 }
 

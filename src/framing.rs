@@ -58,7 +58,7 @@ impl FrameDecoder {
             return Ok(false);
         };
         let len = u16::from_be_bytes([*hi, *lo]) as usize;
-        if len < crate::dns::HEADER_LEN {
+        if len < crate::wire::HEADER_LEN {
             return Err(FrameTooShort(len));
         }
         let Some(msg) = rest.get(..len) else {

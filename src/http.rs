@@ -2,15 +2,26 @@
 //! served from the same loop as DNS.
 //!
 //! One request per connection, answered and closed. Requests larger than
-//! [`MAX_REQUEST`] or slower than the proxy's deadline are cut off, so a
-//! scraper cannot hold resources the DNS side needs.
+//! [`MAX_REQUEST`] or slower than [`DEADLINE`] are cut off, and at most
+//! [`MAX_CONNS`] are open, so a scraper cannot hold resources the DNS side
+//! needs. What a route answers is the loop's (it has the state to render).
 
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
+use log::{debug, info};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry};
+use slab::Slab;
+
+use crate::timers::{Timer, Timers};
+use crate::token::Source;
 
 pub const MAX_REQUEST: usize = 4096;
+/// Scrapes open at once, and how long one may take.
+pub const MAX_CONNS: usize = 16;
+pub const DEADLINE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -65,41 +76,24 @@ pub fn respond(out: &mut Vec<u8>, status: &str, content_type: &str, body: &[u8],
     }
 }
 
-pub struct HttpConn {
-    pub gen: u32,
+struct HttpConn {
+    gen: u32,
     sock: TcpStream,
-    pub inbuf: Vec<u8>,
-    pub out: Vec<u8>,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
     written: usize,
-    pub answered: bool,
-    pub opened: Instant,
+    answered: bool,
 }
 
 impl HttpConn {
-    pub fn new(sock: TcpStream, gen: u32, now: Instant) -> Self {
-        HttpConn {
-            gen,
-            sock,
-            inbuf: Vec::new(),
-            out: Vec::new(),
-            written: 0,
-            answered: false,
-            opened: now,
-        }
-    }
-
-    pub fn source(&mut self) -> &mut TcpStream {
-        &mut self.sock
-    }
-
     /// Read what is there, up to the request limit. Returns false when the
     /// client went away.
-    pub fn read(&mut self) -> bool {
+    fn read(&mut self) -> bool {
         let mut chunk = [0u8; 1024];
         while self.inbuf.len() < MAX_REQUEST {
             match self.sock.read(&mut chunk) {
                 Ok(0) => return false,
-                Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.inbuf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return false,
@@ -109,9 +103,9 @@ impl HttpConn {
     }
 
     /// Write the response; true once all of it is out (or the peer is gone).
-    pub fn flush(&mut self) -> bool {
+    fn flush(&mut self) -> bool {
         while self.written < self.out.len() {
-            match self.sock.write(&self.out[self.written..]) {
+            match self.sock.write(self.out.get(self.written..).unwrap_or_default()) {
                 Ok(0) => return true,
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -123,30 +117,141 @@ impl HttpConn {
     }
 }
 
-/// Prometheus text exposition helpers (format 0.0.4).
-pub struct Exposition(pub String);
+/// A complete request, to be answered with [`HttpServer::respond`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub key: usize,
+    pub route: Route,
+    pub head_only: bool,
+}
 
-impl Exposition {
-    pub fn header(&mut self, name: &str, kind: &str, help: &str) {
-        use std::fmt::Write as _;
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// The metrics listener and its connections.
+pub struct HttpServer {
+    listener: Option<TcpListener>,
+    conns: Slab<HttpConn>,
+    next_gen: u32,
+    doomed: Vec<usize>,
+}
+
+impl HttpServer {
+    /// Listen on `addr`, if any; the bound address is returned.
+    pub fn bind(addr: Option<SocketAddr>, registry: &Registry) -> Result<(HttpServer, Option<SocketAddr>), String> {
+        let mut server = HttpServer {
+            listener: None,
+            conns: Slab::new(),
+            next_gen: 0,
+            doomed: Vec::new(),
+        };
+        let Some(addr) = addr else {
+            return Ok((server, None));
+        };
+        let mut l = TcpListener::bind(addr).map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        registry
+            .register(&mut l, Source::Metrics.token(), Interest::READABLE)
+            .map_err(|e| format!("register metrics: {e}"))?;
+        let bound = l.local_addr().map_err(|e| e.to_string())?;
+        info!("metrics on http://{bound}/metrics");
+        server.listener = Some(l);
+        Ok((server, Some(bound)))
     }
 
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        use std::fmt::Write as _;
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
+    /// Accept every waiting connection; the keys admitted go to `fresh`,
+    /// to be read at once (the request may have come with the handshake).
+    pub fn accept(&mut self, now: Instant, registry: &Registry, timers: &mut Timers, fresh: &mut Vec<usize>) {
+        loop {
+            let Some(listener) = &self.listener else { return };
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    if self.conns.len() >= MAX_CONNS {
+                        continue;
+                    }
+                    self.next_gen = self.next_gen.wrapping_add(1);
+                    let gen = self.next_gen;
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    let mut h = HttpConn {
+                        gen,
+                        sock,
+                        inbuf: Vec::new(),
+                        out: Vec::new(),
+                        written: 0,
+                        answered: false,
+                    };
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if registry
+                        .register(&mut h.sock, Source::Http(key).token(), interest)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    entry.insert(h);
+                    timers.add(now + DEADLINE, Timer::Http { key, gen });
+                    fresh.push(key);
                 }
-                let v = v.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = write!(self.0, "{k}=\"{v}\"");
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("metrics accept: {e}");
+                    return;
+                }
             }
-            self.0.push('}');
         }
-        let _ = writeln!(self.0, " {value}");
+    }
+
+    /// Readiness on connection `key`: a request once it is complete and
+    /// unanswered; the rest (writing, closing) is handled here.
+    pub fn on_event(&mut self, key: usize) -> Option<Request> {
+        let h = self.conns.get_mut(key)?;
+        if h.answered {
+            if h.flush() {
+                self.doomed.push(key);
+            }
+            return None;
+        }
+        let alive = h.read();
+        let Some(route) = route(&h.inbuf) else {
+            if !alive {
+                self.doomed.push(key);
+            }
+            return None;
+        };
+        Some(Request {
+            key,
+            route,
+            head_only: h.inbuf.starts_with(b"HEAD "),
+        })
+    }
+
+    /// Answer request `req` and start writing it.
+    pub fn respond(&mut self, req: Request, status: &str, content_type: &str, body: &[u8]) {
+        let Some(h) = self.conns.get_mut(req.key) else { return };
+        respond(&mut h.out, status, content_type, body, req.head_only);
+        h.answered = true;
+        if h.flush() {
+            self.doomed.push(req.key);
+        }
+    }
+
+    /// A connection's deadline passed.
+    pub fn on_timer(&mut self, key: usize, gen: u32) {
+        if self.conns.get(key).is_some_and(|h| h.gen == gen) {
+            self.doomed.push(key);
+        }
+    }
+
+    pub fn reap(&mut self, registry: &Registry) {
+        for key in std::mem::take(&mut self.doomed) {
+            if let Some(mut h) = self.conns.try_remove(key) {
+                let _ = registry.deregister(&mut h.sock);
+            }
+        }
+    }
+
+    /// Stop listening (shutdown).
+    pub fn stop(&mut self, registry: &Registry) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = registry.deregister(&mut l);
+        }
     }
 }
 

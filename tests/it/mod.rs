@@ -16,3 +16,4 @@ mod features;
 mod harness;
 mod malformed;
 mod pipelining;
+mod reload;

@@ -10,13 +10,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-/// Which pending query an ID belongs to: a slab key plus the generation
-/// that slot had when the query was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueryRef {
-    pub key: u32,
-    pub gen: u32,
-}
+pub use crate::queries::QueryRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {

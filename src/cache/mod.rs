@@ -3,13 +3,16 @@
 //! Keyed on the question (name case-folded, type, class) plus the bits
 //! that change the answer: DO and CD, and whether the client spoke EDNS
 //! (the stored answer carries an OPT exactly when the client's did).
-//! Entries live for the TTL [`dns::cache_ttl`] allows and leave oldest
+//! Entries live for the TTL [`ttl::cache_ttl`] allows and leave oldest
 //! first when the cache is full; every TTL is aged on the way out.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use crate::dns;
+use crate::wire::response::restore_for_client;
+use crate::wire::Query;
+
+pub mod ttl;
 
 /// Answers larger than this are not kept: they are rare, and the cache's
 /// memory stays bounded by entries × this.
@@ -31,22 +34,8 @@ pub struct Cache {
     capacity: usize,
     seq: u64,
     scratch: Vec<u16>,
-    pub hits: u64,
-    pub misses: u64,
-}
-
-/// Build the cache key of a query into `key`. `None` when the question
-/// cannot be read (such queries are not forwarded anyway).
-pub fn key_of(key: &mut Vec<u8>, msg: &[u8], info: &dns::QueryInfo) -> Option<()> {
-    key.clear();
-    let (name, end) = dns::read_name(msg, dns::HEADER_LEN, false).ok()?;
-    key.extend_from_slice(name.as_bytes());
-    key.extend_from_slice(msg.get(end..end + 4)?);
-    let cd = msg.get(3).is_some_and(|b| b & 0x10 != 0);
-    let flags =
-        u8::from(info.edns.is_some()) | (u8::from(info.edns.is_some_and(|e| e.dnssec_ok)) << 1) | (u8::from(cd) << 2);
-    key.push(flags);
-    Some(())
+    hits: u64,
+    misses: u64,
 }
 
 impl Cache {
@@ -70,9 +59,17 @@ impl Cache {
         self.map.is_empty()
     }
 
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    pub fn misses(&self) -> u64 {
+        self.misses
+    }
+
     /// Copy a fresh answer for `key` into `out`, TTLs aged, the client's
     /// ID and question bytes (its own letter case, RFC 5452 / 0x20) put in.
-    pub fn get(&mut self, key: &[u8], query: &[u8], info: &dns::QueryInfo, now: Instant, out: &mut Vec<u8>) -> bool {
+    pub fn get(&mut self, key: &[u8], query: &Query, msg: &[u8], now: Instant, out: &mut Vec<u8>) -> bool {
         let Some(e) = self.map.get(key) else {
             self.misses += 1;
             return false;
@@ -85,13 +82,8 @@ impl Cache {
         }
         out.clear();
         out.extend_from_slice(&e.answer);
-        dns::age_ttls(out, &e.ttl_offsets, age as u32);
-        dns::set_id(out, info.id);
-        dns::copy_rd(out, query);
-        let question = info.question(query);
-        if let Some(dst) = out.get_mut(dns::HEADER_LEN..dns::HEADER_LEN + question.len()) {
-            dst.copy_from_slice(question);
-        }
+        ttl::age_ttls(out, &e.ttl_offsets, age as u32);
+        restore_for_client(out, query, msg);
         self.hits += 1;
         true
     }
@@ -102,7 +94,7 @@ impl Cache {
         if self.capacity == 0 || answer.len() > MAX_ENTRY {
             return;
         }
-        let Some(ttl) = dns::cache_ttl(answer, &mut self.scratch) else {
+        let Some(ttl) = ttl::cache_ttl(answer, &mut self.scratch) else {
             return;
         };
         while self.map.len() >= self.capacity {
@@ -136,19 +128,20 @@ impl Cache {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
     fn q(id: u16, name: &str) -> Vec<u8> {
-        let mut m = id.to_be_bytes().to_vec();
-        m.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-        for l in name.split('.') {
-            m.push(l.len() as u8);
-            m.extend_from_slice(l.as_bytes());
-        }
-        m.extend_from_slice(&[0, 0, 1, 0, 1]);
-        m
+        crate::wire::tests::query(id, name, 1, None)
+    }
+
+    fn parsed(msg: &[u8]) -> (Query, Vec<u8>) {
+        let query = crate::wire::query::parse_query(msg, 4096).unwrap();
+        let mut key = Vec::new();
+        query.key_into(&mut key);
+        (query, key)
     }
 
     fn answer(query: &[u8], ttl: u32) -> Vec<u8> {
@@ -165,22 +158,18 @@ mod tests {
     fn hit_ages_ttl_and_restores_id_and_case() {
         let mut c = Cache::new(10);
         let q1 = q(1, "www.example");
-        let i1 = dns::parse_query(&q1).unwrap();
-        let mut key = Vec::new();
-        key_of(&mut key, &q1, &i1).unwrap();
+        let (_, key) = parsed(&q1);
         let t0 = Instant::now();
         c.insert(&key, &answer(&q1, 100), t0);
         let q2 = q(2, "WWW.Example");
-        let i2 = dns::parse_query(&q2).unwrap();
-        let mut key2 = Vec::new();
-        key_of(&mut key2, &q2, &i2).unwrap();
+        let (i2, key2) = parsed(&q2);
         assert_eq!(key, key2);
         let mut out = Vec::new();
-        assert!(c.get(&key2, &q2, &i2, t0 + Duration::from_secs(40), &mut out));
-        assert_eq!(dns::id(&out), Some(2));
+        assert!(c.get(&key2, &i2, &q2, t0 + Duration::from_secs(40), &mut out));
+        assert_eq!(crate::wire::id(&out), Some(2));
         assert_eq!(&out[12..i2.question_end], &q2[12..i2.question_end]);
         assert_eq!(&out[out.len() - 10..out.len() - 6], &60u32.to_be_bytes());
-        assert!(!c.get(&key2, &q2, &i2, t0 + Duration::from_secs(100), &mut out));
+        assert!(!c.get(&key2, &i2, &q2, t0 + Duration::from_secs(100), &mut out));
         assert!(c.is_empty());
     }
 
@@ -188,22 +177,19 @@ mod tests {
     fn bounded_with_eviction() {
         let mut c = Cache::new(3);
         let t0 = Instant::now();
-        let mut key = Vec::new();
         for i in 0..10 {
             let qq = q(1, &format!("n{i}.example"));
-            let info = dns::parse_query(&qq).unwrap();
-            key_of(&mut key, &qq, &info).unwrap();
+            let (_, key) = parsed(&qq);
             c.insert(&key, &answer(&qq, 100), t0);
             c.insert(&key, &answer(&qq, 100), t0);
             assert!(c.len() <= 3);
             assert!(c.order.len() <= 2 * 3 + 64);
         }
         let qq = q(1, "n9.example");
-        let info = dns::parse_query(&qq).unwrap();
-        key_of(&mut key, &qq, &info).unwrap();
-        assert!(c.get(&key, &qq, &info, t0, &mut Vec::new()));
+        let (info, key) = parsed(&qq);
+        assert!(c.get(&key, &info, &qq, t0, &mut Vec::new()));
         let qq = q(1, "n0.example");
-        key_of(&mut key, &qq, &info).unwrap();
-        assert!(!c.get(&key, &qq, &info, t0, &mut Vec::new()));
+        let (info, key) = parsed(&qq);
+        assert!(!c.get(&key, &info, &qq, t0, &mut Vec::new()));
     }
 }

@@ -1,0 +1,144 @@
+//! The client leg: plain DNS over UDP and TCP (RFC 1035, RFC 7766).
+//!
+//! - [`socket`]: binding and socket options.
+//! - [`udp`]: one UDP listener with its send backlog.
+//! - [`tcp`]: the TCP client table and its admission limits.
+//! - [`client`]: one TCP client connection.
+//!
+//! [`Listeners`] owns the listening sockets themselves.
+
+pub mod client;
+pub mod socket;
+pub mod tcp;
+pub mod udp;
+
+use std::io;
+use std::net::SocketAddr;
+
+use log::info;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry};
+
+use crate::token::{Source, MAX_LISTENERS};
+use udp::UdpListener;
+
+/// The outcome of one `accept`.
+pub enum Accept {
+    Conn(TcpStream, SocketAddr),
+    /// Nothing more now, or the listener is closed.
+    Empty,
+    /// Out of descriptors or a like condition: the pending connection
+    /// stays queued and its edge will not fire again, so the caller retries
+    /// on a timer instead of spinning.
+    Retry(io::Error),
+}
+
+pub struct Listeners {
+    udp: Vec<UdpListener>,
+    tcp: Vec<Option<TcpListener>>,
+    /// One accept-retry timer per listener at most.
+    retry_armed: Vec<bool>,
+    bound: Vec<(&'static str, SocketAddr)>,
+}
+
+impl Listeners {
+    /// Bind UDP and TCP on every address and register them.
+    pub fn bind(addrs: &[SocketAddr], reuseport: bool, registry: &Registry) -> Result<Listeners, String> {
+        if addrs.len() > MAX_LISTENERS {
+            return Err(format!("at most {MAX_LISTENERS} listen addresses"));
+        }
+        let mut l = Listeners {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+            retry_armed: Vec::new(),
+            bound: Vec::new(),
+        };
+        for (i, &addr) in addrs.iter().enumerate() {
+            let (mut u, mut t) =
+                socket::bind_pair(addr, reuseport).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            socket::set_rcvbuf(&u, socket::UDP_RCVBUF);
+            registry
+                .register(&mut u, Source::Udp(i).token(), Interest::READABLE | Interest::WRITABLE)
+                .and_then(|_| registry.register(&mut t, Source::TcpListener(i).token(), Interest::READABLE))
+                .map_err(|e| format!("register {addr}: {e}"))?;
+            let ua = u.local_addr().map_err(|e| e.to_string())?;
+            let ta = t.local_addr().map_err(|e| e.to_string())?;
+            info!("listening on udp {ua}");
+            info!("listening on tcp {ta}");
+            l.bound.push(("udp", ua));
+            l.bound.push(("tcp", ta));
+            l.udp.push(UdpListener::new(u));
+            l.tcp.push(Some(t));
+            l.retry_armed.push(false);
+        }
+        Ok(l)
+    }
+
+    /// The addresses bound, as ("udp" | "tcp", address).
+    pub fn bound(&self) -> &[(&'static str, SocketAddr)] {
+        &self.bound
+    }
+
+    pub fn udp(&mut self, i: usize) -> Option<&mut UdpListener> {
+        self.udp.get_mut(i)
+    }
+
+    pub fn udp_count(&self) -> usize {
+        self.udp.len()
+    }
+
+    pub fn any_udp_more(&self) -> bool {
+        self.udp.iter().any(UdpListener::has_more)
+    }
+
+    pub fn accept(&mut self, i: usize) -> Accept {
+        let Some(Some(listener)) = self.tcp.get(i) else {
+            return Accept::Empty;
+        };
+        loop {
+            match listener.accept() {
+                Ok((sock, peer)) => return Accept::Conn(sock, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Accept::Empty,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Accept::Retry(e),
+            }
+        }
+    }
+
+    /// Note a retry timer for listener `i`; `false` when one is armed.
+    pub fn arm_retry(&mut self, i: usize) -> bool {
+        match self.retry_armed.get_mut(i) {
+            Some(armed) if !*armed => {
+                *armed = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn retry_fired(&mut self, i: usize) {
+        if let Some(armed) = self.retry_armed.get_mut(i) {
+            *armed = false;
+        }
+    }
+
+    /// Stop taking work: TCP listeners close, UDP sockets stay open to
+    /// send the last answers.
+    pub fn stop(&mut self, registry: &Registry) {
+        for u in &mut self.udp {
+            let _ = registry.deregister(u.source());
+            u.stop_reading();
+        }
+        for t in &mut self.tcp {
+            if let Some(mut l) = t.take() {
+                let _ = registry.deregister(&mut l);
+            }
+        }
+    }
+
+    pub fn flush_udp(&mut self) {
+        for u in &mut self.udp {
+            u.flush();
+        }
+    }
+}

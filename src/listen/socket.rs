@@ -1,0 +1,74 @@
+//! Binding listening sockets: UDP and TCP on one address (one port when
+//! the kernel picks it), SO_REUSEPORT on request, a large UDP receive
+//! buffer.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use mio::net::{TcpListener, UdpSocket};
+
+/// Room for a burst of thousands of datagrams between two loop turns.
+pub const UDP_RCVBUF: libc::c_int = 4 << 20;
+
+/// A non-blocking socket bound to `addr`. With `reuseport`, several
+/// dotproxy processes can bind the same address and the kernel spreads
+/// clients over them (SO_REUSEPORT): the way to use more than one core.
+fn bind_socket(addr: SocketAddr, ty: socket2::Type, reuseport: bool) -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    s.set_nonblocking(true)?;
+    s.set_cloexec(true)?;
+    if ty == socket2::Type::STREAM {
+        // Restarting must not wait for old connections in TIME_WAIT.
+        s.set_reuse_address(true)?;
+    }
+    if reuseport {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+pub fn set_rcvbuf(sock: &UdpSocket, bytes: libc::c_int) {
+    // A burst of thousands of datagrams overflows the default ~208 KB
+    // buffer before the loop can drain it. SO_RCVBUFFORCE passes
+    // rmem_max when privileged; plain SO_RCVBUF is the fallback.
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket fd and a pointer to a live c_int of the
+        // size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
+/// Bind UDP and TCP on the same address; with port 0, on the same port.
+pub fn bind_pair(addr: SocketAddr, reuseport: bool) -> io::Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = bind_socket(addr, socket2::Type::DGRAM, reuseport)?;
+        let udp = UdpSocket::from_std(udp.into());
+        let bound = udp.local_addr()?;
+        let tcp = bind_socket(bound, socket2::Type::STREAM, reuseport).and_then(|s| {
+            s.listen(1024)?;
+            Ok(TcpListener::from_std(s.into()))
+        });
+        match tcp {
+            Ok(tcp) => return Ok((udp, tcp)),
+            // The kernel's free UDP port may be a busy TCP port; with an
+            // explicit port there is nothing to retry.
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::ErrorKind::AddrInUse.into()))
+}

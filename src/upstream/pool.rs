@@ -1,0 +1,840 @@
+//! The upstreams: their connections, health, selection, back-off and
+//! forwarding zones, and applying a reload to them.
+//!
+//! Invariants kept here:
+//! - a query is routed by its name at every send (first or re-send) against
+//!   the zones in force at that moment, so a reload can never send it to
+//!   the resolver of a zone that was removed or renumbered;
+//! - a connection is closed only in [`Pool::reap`], which hands back every
+//!   query still waiting on it; everything else only marks it (`doom`), so
+//!   no handler closes a connection under another one's feet;
+//! - an upstream in back-off is never chosen; an upstream of another zone
+//!   never either.
+
+use std::fmt::Display;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::{Interest, Registry};
+use slab::Slab;
+
+use super::conn::{Answer, CloseReason, Drain, UpstreamConn};
+use super::ids::IdRng;
+use crate::config::{Config, Upstream as UpstreamConfig};
+use crate::queries::{QueryRef, Sent};
+use crate::timers::{Timer, Timers};
+use crate::token::Source;
+use crate::wire::name::{in_zone, zone_wire};
+use crate::wire::Name;
+
+/// Queries in flight on one upstream connection before another is opened.
+const MAX_INFLIGHT_PER_CONN: usize = 1000;
+/// Connections per upstream; more only when the others are full
+/// (RFC 7766 §6.2.2 asks for few).
+const MAX_CONNS_PER_UPSTREAM: usize = 4;
+/// Timed-out IDs a connection may hold before it is drained and replaced.
+const MAX_TOMBSTONES: usize = 256;
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Upper bounds (seconds) of the upstream latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+/// Which names an upstream serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The default upstreams, for names in no forwarding zone.
+    Default,
+    /// The upstreams of one forwarding zone (an index into the zones of
+    /// the configuration in force).
+    Zone(usize),
+    /// Removed by a reload: never chosen, kept until its connections drain.
+    Retired,
+}
+
+/// What the pool knows about an upstream's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Nothing known to be wrong.
+    Up,
+    /// Failed `failures` times in a row; not tried again before `retry_at`,
+    /// then probed by real queries until one connection works.
+    Down { failures: u32, retry_at: Instant },
+}
+
+impl Health {
+    fn usable(&self, now: Instant) -> bool {
+        match self {
+            Health::Up => true,
+            Health::Down { retry_at, .. } => *retry_at <= now,
+        }
+    }
+}
+
+/// Counters of one upstream, for metrics.
+#[derive(Debug, Default, Clone)]
+pub struct UpstreamStats {
+    pub connects: u64,
+    pub failures: u64,
+    pub resumed: u64,
+    pub answers: u64,
+    pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
+    pub latency_sum: f64,
+}
+
+struct Upstream {
+    cfg: UpstreamConfig,
+    role: Role,
+    /// Smoothed answer latency in seconds, learned from real traffic.
+    srtt: Option<f64>,
+    /// Shared by all upstreams, or this upstream's own when it has pins or
+    /// its own CA.
+    tls: Arc<rustls::ClientConfig>,
+    label: String,
+    conns: Vec<usize>,
+    health: Health,
+    stats: UpstreamStats,
+}
+
+/// A read-only view of one upstream, for metrics.
+pub struct UpstreamView<'a> {
+    pub label: &'a str,
+    pub up: bool,
+    pub connections: usize,
+    pub inflight: usize,
+    pub stats: &'a UpstreamStats,
+}
+
+/// A query whose connection closed before it was answered.
+#[derive(Debug, Clone, Copy)]
+pub struct Orphan {
+    pub query: QueryRef,
+    /// When that connection last answered anything.
+    pub answered_at: Option<Instant>,
+}
+
+/// A query to send.
+pub struct Outgoing<'a> {
+    /// Its name: the zone that serves it is looked up at every send.
+    pub name: &'a Name,
+    /// The upstream a re-sent query failed on: used only when nothing else
+    /// is left.
+    pub avoid: Option<usize>,
+    pub query: QueryRef,
+    pub msg: &'a [u8],
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub upstreams: usize,
+    pub zones: usize,
+}
+
+pub struct Pool {
+    upstreams: Vec<Upstream>,
+    conns: Slab<UpstreamConn>,
+    /// Forwarding zones, canonical wire form; the index is the zone's role.
+    zones: Vec<Vec<u8>>,
+    rng: IdRng,
+    next_gen: u32,
+    /// The query timeout: also the bound on connect plus handshake.
+    timeout: Duration,
+    /// `--max-upstream-conn-queries`, 0 = no limit.
+    max_conn_queries: u64,
+    dirty: Vec<usize>,
+    doomed: Vec<(usize, CloseReason)>,
+    /// Failures to count once the orphans of a broken stream are re-sent.
+    deferred: Vec<(usize, String)>,
+}
+
+impl Pool {
+    pub fn new(cfg: &Config) -> Result<Pool, String> {
+        let mut pool = Pool {
+            upstreams: Vec::new(),
+            conns: Slab::new(),
+            zones: Vec::new(),
+            rng: IdRng::default(),
+            next_gen: 0,
+            timeout: cfg.timeout,
+            max_conn_queries: cfg.limits.max_upstream_conn_queries,
+            dirty: Vec::new(),
+            doomed: Vec::new(),
+            deferred: Vec::new(),
+        };
+        let (upstreams, zones) = build(cfg)?;
+        for u in &upstreams {
+            match u.role {
+                Role::Zone(z) => info!("upstream {} for {}", u.cfg, zone_label(zones.get(z))),
+                _ => info!("upstream {}", u.cfg),
+            }
+        }
+        pool.upstreams = upstreams;
+        pool.zones = zones;
+        Ok(pool)
+    }
+
+    /// The role that serves `name`: the longest forwarding zone that
+    /// contains it, else the default upstreams.
+    fn route(&self, name: &Name) -> Role {
+        let name = name.as_bytes();
+        let mut best: Option<(usize, usize)> = None;
+        for (i, zone) in self.zones.iter().enumerate() {
+            if in_zone(name, zone) && best.is_none_or(|(len, _)| zone.len() > len) {
+                best = Some((zone.len(), i));
+            }
+        }
+        best.map_or(Role::Default, |(_, i)| Role::Zone(i))
+    }
+
+    /// Send a query on the best connection for its name: `None` when no
+    /// upstream of its zone can take it now (all in back-off, or
+    /// saturated), and then it fails at once, not after the timeout
+    /// (RFC 7858 §3.1).
+    pub fn send(&mut self, out: Outgoing<'_>, now: Instant, registry: &Registry, timers: &mut Timers) -> Option<Sent> {
+        let Outgoing {
+            name,
+            avoid,
+            query: q,
+            msg,
+        } = out;
+        let role = self.route(name);
+        // Each round either sends or marks one upstream down, so this ends.
+        for _ in 0..=self.upstreams.len() {
+            let u = self.choose_upstream(role, avoid, now)?;
+            let Some(ck) = self.choose_conn(u, now, registry, timers) else {
+                continue;
+            };
+            let Some(conn) = self.conns.get_mut(ck) else {
+                continue;
+            };
+            let Some(id) = conn.send(q, msg, &mut self.rng, now) else {
+                continue;
+            };
+            if self.max_conn_queries > 0 && conn.sent() >= self.max_conn_queries {
+                // Rotated: this one finishes what it has, new queries go to
+                // a fresh connection.
+                conn.drain(Drain::Rotated);
+            }
+            let sent = Sent {
+                upstream: u,
+                conn: ck,
+                conn_gen: conn.gen(),
+                id,
+                at: now,
+            };
+            if conn.mark_dirty() {
+                self.dirty.push(ck);
+            }
+            return Some(sent);
+        }
+        None
+    }
+
+    /// The usable upstream of `role` with the least expected wait: queries
+    /// outstanding times smoothed latency, so a slow or loaded resolver
+    /// gets less.
+    fn choose_upstream(&mut self, role: Role, avoid: Option<usize>, now: Instant) -> Option<usize> {
+        // An upstream without samples yet scores as the fastest, so it is
+        // tried at once rather than starved.
+        let chosen = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.role == role && u.health.usable(now))
+            .map(|(i, u)| {
+                let score = (self.inflight(u) + 1) as f64 * u.srtt.unwrap_or(0.0).max(0.0001);
+                (Some(i) == avoid, score, i)
+            })
+            .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)))
+            .map(|(_, _, i)| i)?;
+        // What is not measured is forgotten slowly: the others' latency
+        // decays, so a resolver that was slow gets a fresh sample now and
+        // then (about one query in a few hundred) instead of never again.
+        for (i, u) in self.upstreams.iter_mut().enumerate() {
+            if i != chosen && u.role == role {
+                if let Some(s) = &mut u.srtt {
+                    *s *= 0.98;
+                }
+            }
+        }
+        Some(chosen)
+    }
+
+    fn inflight(&self, u: &Upstream) -> usize {
+        u.conns
+            .iter()
+            .filter_map(|&c| self.conns.get(c))
+            .map(|c| c.live())
+            .sum()
+    }
+
+    fn is_doomed(&self, key: usize) -> bool {
+        self.doomed.iter().any(|(k, _)| *k == key)
+    }
+
+    /// A connection of upstream `u` with room, opening one when all are
+    /// full. `None` when the upstream cannot take the query (and then it
+    /// has been marked down, or it is saturated).
+    fn choose_conn(&mut self, u: usize, now: Instant, registry: &Registry, timers: &mut Timers) -> Option<usize> {
+        let up = self.upstreams.get(u)?;
+        let best = up
+            .conns
+            .iter()
+            .filter_map(|&k| self.conns.get(k).map(|c| (k, c)))
+            .filter(|(k, c)| c.accepts_queries() && c.live() < MAX_INFLIGHT_PER_CONN && !self.is_doomed(*k))
+            .min_by_key(|(_, c)| c.live())
+            .map(|(k, _)| k);
+        if best.is_some() {
+            return best;
+        }
+        if up.conns.len() >= MAX_CONNS_PER_UPSTREAM {
+            return None;
+        }
+        self.open(u, now, registry, timers)
+    }
+
+    fn open(&mut self, u: usize, now: Instant, registry: &Registry, timers: &mut Timers) -> Option<usize> {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let gen = self.next_gen;
+        let up = self.upstreams.get_mut(u)?;
+        up.stats.connects += 1;
+        let mut conn = match UpstreamConn::connect(u, gen, up.cfg.addr, &up.cfg.name, &up.tls, now) {
+            Ok(c) => c,
+            Err(reason) => {
+                self.upstream_failed(u, &reason, now);
+                return None;
+            }
+        };
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = registry.register(conn.source(), Source::Upstream(key).token(), interest) {
+            self.upstream_failed(u, &CloseReason::Connect(e), now);
+            return None;
+        }
+        entry.insert(conn);
+        up.conns.push(key);
+        timers.add(now + self.timeout, Timer::Handshake { conn: key, gen });
+        debug!("upstream {}: connecting", up.cfg);
+        Some(key)
+    }
+
+    fn upstream_failed(&mut self, u: usize, reason: &dyn Display, now: Instant) {
+        let jitter = f64::from(self.rng.next_u16()) / 65536.0;
+        let Some(up) = self.upstreams.get_mut(u) else { return };
+        up.stats.failures += 1;
+        let (failures, was_up) = match up.health {
+            Health::Up => (1, true),
+            Health::Down { failures, .. } => (failures.saturating_add(1), false),
+        };
+        let backoff = backoff(failures, jitter);
+        up.health = Health::Down {
+            failures,
+            retry_at: now + backoff,
+        };
+        if was_up {
+            warn!(
+                "upstream {} down: {reason}; retrying in {} ms",
+                up.cfg,
+                backoff.as_millis()
+            );
+        } else {
+            debug!("upstream {}: {reason}; retrying in {} ms", up.cfg, backoff.as_millis());
+        }
+    }
+
+    /// Readiness on connection `key`: the handshake moves on, answers are
+    /// read (take them with [`next_answer`](Self::next_answer)).
+    pub fn conn_event(&mut self, key: usize, scratch: &mut [u8], now: Instant, timers: &mut Timers) {
+        if self.is_doomed(key) {
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        match conn.on_ready(scratch, now) {
+            Ok(true) => {
+                let (u, resumed) = (conn.upstream(), conn.resumed());
+                let at = now + super::conn::IDLE;
+                if conn.arm_idle(at) {
+                    timers.add(
+                        at,
+                        Timer::ConnIdle {
+                            conn: key,
+                            gen: conn.gen(),
+                        },
+                    );
+                }
+                self.upstream_up(u, resumed);
+            }
+            Ok(false) => {}
+            Err(reason) => self.doomed.push((key, reason)),
+        }
+    }
+
+    fn upstream_up(&mut self, u: usize, resumed: bool) {
+        let Some(up) = self.upstreams.get_mut(u) else { return };
+        if matches!(up.health, Health::Down { .. }) {
+            info!("upstream {} up", up.cfg);
+        }
+        debug!(
+            "upstream {}: connected{}",
+            up.cfg,
+            if resumed { " (resumed)" } else { "" }
+        );
+        up.health = Health::Up;
+        if resumed {
+            up.stats.resumed += 1;
+        }
+    }
+
+    /// The next whole message read on connection `key`, into `frame`.
+    /// `None` when there is none; then a connection that has drained is
+    /// marked for closing and one with output is put on the flush list.
+    pub fn next_answer(&mut self, key: usize, frame: &mut Vec<u8>, now: Instant) -> Option<Answer> {
+        let conn = self.conns.get_mut(key)?;
+        match conn.next_answer(frame, now) {
+            Some(Ok(answer)) => return Some(answer),
+            Some(Err(reason)) => self.doomed.push((key, reason)),
+            None if conn.drained() => self.doomed.push((key, CloseReason::Recycled)),
+            None if conn.has_output() && conn.mark_dirty() => self.dirty.push(key),
+            None => {}
+        }
+        None
+    }
+
+    /// An answer taken for `q` was not its answer after all.
+    pub fn restore(&mut self, conn: usize, id: u16, q: QueryRef) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.restore(id, q);
+        }
+    }
+
+    /// The server's edns-tcp-keepalive timeout, seen in an answer.
+    pub fn keepalive(&mut self, key: usize, timeout: u16, timers: &mut Timers) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.keepalive(timeout);
+            let at = c.idle_due();
+            if c.arm_idle(at) {
+                timers.add(
+                    at,
+                    Timer::ConnIdle {
+                        conn: key,
+                        gen: c.gen(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Learn from one answer's latency.
+    pub fn observe(&mut self, u: usize, d: Duration) {
+        let Some(up) = self.upstreams.get_mut(u) else { return };
+        let secs = d.as_secs_f64();
+        up.stats.answers += 1;
+        up.stats.latency_sum += secs;
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&le| secs <= le) {
+            up.stats.latency_buckets[i] += 1;
+        }
+        up.srtt = Some(up.srtt.map_or(secs, |s| 0.8 * s + 0.2 * secs));
+    }
+
+    /// Query `q` reached its deadline. Its ID stays taken on the connection
+    /// (a late answer must not match a newer query); a connection that has
+    /// said nothing since the query went out has stalled and is replaced.
+    pub fn timed_out(&mut self, last_upstream: Option<usize>, sent: Option<Sent>, q: QueryRef) {
+        if let Some(up) = last_upstream.and_then(|u| self.upstreams.get_mut(u)) {
+            // A timeout is the worst latency there is: steer traffic away.
+            let srtt = up.srtt.unwrap_or(0.0);
+            up.srtt = Some(0.8 * srtt + 0.2 * self.timeout.as_secs_f64());
+        }
+        let Some(sent) = sent else { return };
+        let Some(conn) = self.conns.get_mut(sent.conn).filter(|c| c.gen() == sent.conn_gen) else {
+            return;
+        };
+        conn.bury(sent.id, q);
+        if conn.was_ready() && conn.last_answer().is_none_or(|t| t <= sent.at) {
+            self.doomed.push((sent.conn, CloseReason::Stalled));
+        } else if conn.tombstones() > MAX_TOMBSTONES && conn.accepts_queries() {
+            conn.drain(Drain::LateAnswers);
+            if conn.drained() {
+                self.doomed.push((sent.conn, CloseReason::Recycled));
+            }
+        }
+    }
+
+    /// A connection timer fired.
+    pub fn on_timer(&mut self, timer: Timer, now: Instant, timers: &mut Timers) {
+        match timer {
+            Timer::Handshake { conn, gen }
+                if self.conns.get(conn).is_some_and(|c| c.gen() == gen && !c.was_ready()) =>
+            {
+                self.doomed.push((conn, CloseReason::HandshakeTimeout));
+            }
+            Timer::ConnIdle { conn, gen } => {
+                let Some(c) = self.conns.get_mut(conn).filter(|c| c.gen() == gen) else {
+                    return;
+                };
+                if !c.idle_fired(now) {
+                    return;
+                }
+                let due = c.idle_due();
+                if c.live() == 0 && due <= now {
+                    self.doomed.push((conn, CloseReason::Idle));
+                } else {
+                    let at = due.max(now + Duration::from_millis(100));
+                    if c.arm_idle(at) {
+                        timers.add(at, timer);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Write what every connection with output has.
+    pub fn flush(&mut self) {
+        let mut keys = std::mem::take(&mut self.dirty);
+        for &k in &keys {
+            let Some(conn) = self.conns.get_mut(k) else { continue };
+            conn.clear_dirty();
+            if let Err(reason) = conn.flush() {
+                self.doomed.push((k, reason));
+            }
+        }
+        keys.clear();
+        if self.dirty.is_empty() {
+            self.dirty = keys;
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.dirty.is_empty() || !self.doomed.is_empty()
+    }
+
+    /// Close every connection marked for closing; their unanswered queries
+    /// go to `orphans` for one re-send. Returns whether anything closed.
+    pub fn reap(&mut self, now: Instant, registry: &Registry, orphans: &mut Vec<Orphan>) -> bool {
+        let doomed = std::mem::take(&mut self.doomed);
+        let any = !doomed.is_empty();
+        let mut live = Vec::new();
+        for (key, reason) in doomed {
+            let Some(mut conn) = self.conns.try_remove(key) else {
+                continue;
+            };
+            let in_flight = conn.live() > 0;
+            conn.close(&reason, &mut live);
+            let _ = registry.deregister(conn.source());
+            let u = conn.upstream();
+            if let Some(up) = self.upstreams.get_mut(u) {
+                up.conns.retain(|&c| c != key);
+            }
+            let failed = reason.is_failure(conn.was_ready(), conn.last_answer().is_some(), in_flight);
+            // A stream that broke after a good handshake (a garbage frame
+            // or record) is likely this connection's trouble: its queries
+            // get their re-send even when this is the only upstream, and
+            // the back-off starts after. A server that refuses, fails the
+            // handshake or hangs up without answering gets the back-off
+            // first, so retries do not hammer it.
+            let resend_first =
+                failed && conn.was_ready() && matches!(reason, CloseReason::BadFrame(_) | CloseReason::Tls(_));
+            if resend_first {
+                self.deferred.push((u, reason.to_string()));
+            } else if failed {
+                self.upstream_failed(u, &reason, now);
+            } else if let Some(up) = self.upstreams.get(u) {
+                debug!("upstream {}: connection closed: {reason}", up.cfg);
+            }
+            let answered_at = conn.last_answer();
+            orphans.extend(live.drain(..).map(|query| Orphan { query, answered_at }));
+        }
+        any
+    }
+
+    /// Count the failures deferred by [`reap`](Self::reap), once the
+    /// orphans have been re-sent.
+    pub fn after_resend(&mut self, now: Instant) {
+        for (u, why) in std::mem::take(&mut self.deferred) {
+            self.upstream_failed(u, &why, now);
+        }
+        // Retired upstreams whose last connection drained are forgotten by
+        // the metrics only at restart: their counters stay meaningful.
+    }
+
+    /// Mark every connection for closing (shutdown).
+    pub fn close_all(&mut self) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.doomed.push((k, CloseReason::Shutdown));
+        }
+    }
+
+    /// Healthy while some upstream has a working connection, or has not
+    /// failed since its last success (nothing is known to be wrong yet).
+    pub fn healthy(&self) -> bool {
+        self.upstreams.iter().any(|u| {
+            u.health == Health::Up
+                || u.conns
+                    .iter()
+                    .filter_map(|&c| self.conns.get(c))
+                    .any(|c| c.was_ready() && c.accepts_queries())
+        })
+    }
+
+    pub fn upstreams(&self, now: Instant) -> impl Iterator<Item = UpstreamView<'_>> {
+        self.upstreams.iter().map(move |u| UpstreamView {
+            label: &u.label,
+            up: u.health == Health::Up && u.health.usable(now),
+            connections: u.conns.len(),
+            inflight: self.inflight(u),
+            stats: &u.stats,
+        })
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Apply a new configuration: unchanged upstreams (same address and
+    /// authentication) keep their connections, health and counters; new
+    /// ones are added; removed ones drain. Zones are replaced as a whole,
+    /// and every later send routes by them.
+    pub fn reload(&mut self, cfg: &Config) -> Result<Reloaded, String> {
+        let (fresh, zones) = build(cfg)?;
+        let mut kept = vec![false; self.upstreams.len()];
+        for new in fresh {
+            let same = (0..self.upstreams.len())
+                .find(|&i| !kept[i] && self.upstreams[i].role != Role::Retired && self.upstreams[i].cfg == new.cfg);
+            match same {
+                Some(i) => {
+                    kept[i] = true;
+                    self.upstreams[i].role = new.role;
+                }
+                None => {
+                    match new.role {
+                        Role::Zone(z) => info!("upstream {} for {} added", new.cfg, zone_label(zones.get(z))),
+                        _ => info!("upstream {} added", new.cfg),
+                    }
+                    kept.push(true);
+                    self.upstreams.push(new);
+                }
+            }
+        }
+        for (i, keep) in kept.iter().enumerate() {
+            if *keep {
+                continue;
+            }
+            let u = &mut self.upstreams[i];
+            if u.role != Role::Retired {
+                info!("upstream {} removed", u.cfg);
+                u.role = Role::Retired;
+            }
+            for &c in &u.conns {
+                if let Some(conn) = self.conns.get_mut(c) {
+                    conn.drain(Drain::Retired);
+                    if conn.drained() {
+                        self.doomed.push((c, CloseReason::Recycled));
+                    }
+                }
+            }
+        }
+        self.zones = zones;
+        self.timeout = cfg.timeout;
+        self.max_conn_queries = cfg.limits.max_upstream_conn_queries;
+        Ok(Reloaded {
+            upstreams: self.upstreams.iter().filter(|u| u.role != Role::Retired).count(),
+            zones: self.zones.len(),
+        })
+    }
+}
+
+/// Capped exponential back-off for the `failures`-th failure in a row, up
+/// to a quarter less by `jitter` in [0, 1), so upstreams that failed
+/// together do not come back in lockstep.
+fn backoff(failures: u32, jitter: f64) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    exp.min(BACKOFF_MAX).mul_f64(1.0 - jitter / 4.0)
+}
+
+fn zone_label(wire: Option<&Vec<u8>>) -> String {
+    let mut out = String::new();
+    let mut rest = wire.map_or(&[][..], |w| w.as_slice());
+    while let Some((&len, tail)) = rest.split_first() {
+        if len == 0 {
+            break;
+        }
+        let label = tail.get(..usize::from(len)).unwrap_or(tail);
+        out.push_str(&String::from_utf8_lossy(label));
+        out.push('.');
+        rest = tail.get(usize::from(len)..).unwrap_or(&[]);
+    }
+    if out.is_empty() {
+        out.push('.');
+    }
+    out
+}
+
+/// The upstreams of a configuration, and its zones.
+fn build(cfg: &Config) -> Result<(Vec<Upstream>, Vec<Vec<u8>>), String> {
+    let shared = super::tls::client_config(cfg.ca_file.as_deref())?;
+    let mut zones: Vec<Vec<u8>> = Vec::new();
+    let mut members: Vec<(Role, &UpstreamConfig)> = cfg.upstreams.iter().map(|u| (Role::Default, u)).collect();
+    for (zone, u) in &cfg.forwards {
+        let wire = zone_wire(zone);
+        let z = match zones.iter().position(|z| *z == wire) {
+            Some(z) => z,
+            None => {
+                zones.push(wire);
+                zones.len() - 1
+            }
+        };
+        members.push((Role::Zone(z), u));
+    }
+    let mut upstreams = Vec::new();
+    for (role, u) in members {
+        upstreams.push(Upstream {
+            role,
+            srtt: None,
+            cfg: u.clone(),
+            tls: super::tls::for_upstream(&shared, cfg.ca_file.as_deref(), u)?,
+            label: u.to_string(),
+            conns: Vec::new(),
+            health: Health::Up,
+            stats: UpstreamStats::default(),
+        });
+    }
+    Ok((upstreams, zones))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let args = args.iter().map(std::ffi::OsString::from).collect();
+        match crate::config::parse(args) {
+            Ok(c) => c,
+            Err(_) => panic!("bad test configuration"),
+        }
+    }
+
+    fn name(s: &str) -> Name {
+        let msg = crate::wire::tests::query(1, s, 1, None);
+        crate::wire::name::read_name(&msg, 12, false).unwrap().0
+    }
+
+    fn pool(args: &[&str]) -> Pool {
+        Pool::new(&config(args)).unwrap()
+    }
+
+    #[test]
+    fn names_route_to_the_longest_zone_at_every_send() {
+        let mut p = pool(&[
+            "--upstream",
+            "192.0.2.1#dns.test",
+            "--forward",
+            "corp.example=192.0.2.2#corp.test",
+            "--forward",
+            "eu.corp.example=192.0.2.3#eu.test",
+        ]);
+        assert_eq!(p.route(&name("www.example")), Role::Default);
+        assert_eq!(p.route(&name("a.corp.example")), Role::Zone(0));
+        assert_eq!(p.route(&name("A.EU.corp.example")), Role::Zone(1));
+        assert_eq!(p.route(&name("xcorp.example")), Role::Default);
+        // A reload that removes the first zone renumbers the other: routing
+        // follows the names, not a remembered index.
+        p.reload(&config(&[
+            "--upstream",
+            "192.0.2.1#dns.test",
+            "--forward",
+            "eu.corp.example=192.0.2.3#eu.test",
+        ]))
+        .unwrap();
+        assert_eq!(p.route(&name("a.corp.example")), Role::Default);
+        assert_eq!(p.route(&name("a.eu.corp.example")), Role::Zone(0));
+        let eu = p.choose_upstream(Role::Zone(0), None, Instant::now()).unwrap();
+        assert_eq!(p.upstreams[eu].cfg.addr.to_string(), "192.0.2.3:853");
+        let corp = p
+            .upstreams
+            .iter()
+            .find(|u| u.cfg.addr.to_string() == "192.0.2.2:853")
+            .unwrap();
+        assert_eq!(corp.role, Role::Retired);
+    }
+
+    #[test]
+    fn selection_prefers_the_fast_and_skips_the_failed_and_the_avoided() {
+        let t0 = Instant::now();
+        let mut p = pool(&["--upstream", "192.0.2.1#a.test", "--upstream", "192.0.2.2#b.test"]);
+        // Unmeasured: the first wins ties.
+        assert_eq!(p.choose_upstream(Role::Default, None, t0), Some(0));
+        p.observe(0, Duration::from_millis(50));
+        p.observe(1, Duration::from_millis(5));
+        assert_eq!(p.choose_upstream(Role::Default, None, t0), Some(1));
+        // The one a re-send failed on, only when nothing else is left.
+        assert_eq!(p.choose_upstream(Role::Default, Some(1), t0), Some(0));
+        p.upstream_failed(0, &"test", t0);
+        assert_eq!(p.choose_upstream(Role::Default, Some(1), t0), Some(1));
+        p.upstream_failed(1, &"test", t0);
+        assert_eq!(p.choose_upstream(Role::Default, None, t0), None);
+        // Back in play once the back-off has passed.
+        assert_eq!(p.choose_upstream(Role::Default, None, t0 + BACKOFF_MIN), Some(1));
+        assert!(!p.healthy());
+    }
+
+    #[test]
+    fn back_off_doubles_up_to_its_cap_and_recovery_resets_it() {
+        assert_eq!(backoff(1, 0.0), BACKOFF_MIN);
+        assert_eq!(backoff(2, 0.0), BACKOFF_MIN * 2);
+        assert_eq!(backoff(5, 0.0), BACKOFF_MIN * 16);
+        assert_eq!(backoff(40, 0.0), BACKOFF_MAX);
+        assert_eq!(backoff(1, 0.999_9).as_millis(), 187);
+        let t0 = Instant::now();
+        let mut p = pool(&["--upstream", "192.0.2.1#a.test"]);
+        for _ in 0..3 {
+            p.upstream_failed(0, &"test", t0);
+        }
+        let Health::Down { failures, retry_at } = p.upstreams[0].health else {
+            panic!()
+        };
+        assert_eq!(failures, 3);
+        assert!(retry_at >= t0 + BACKOFF_MIN * 3 && retry_at <= t0 + BACKOFF_MIN * 4);
+        p.upstream_up(0, false);
+        assert_eq!(p.upstreams[0].health, Health::Up);
+        assert!(p.healthy());
+        p.upstream_failed(0, &"test", t0);
+        assert!(matches!(p.upstreams[0].health, Health::Down { failures: 1, .. }));
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_upstreams_and_their_state() {
+        let t0 = Instant::now();
+        let mut p = pool(&["--upstream", "192.0.2.1#a.test", "--upstream", "192.0.2.2#b.test"]);
+        p.observe(1, Duration::from_millis(7));
+        p.upstream_failed(0, &"test", t0);
+        let r = p
+            .reload(&config(&[
+                "--upstream",
+                "192.0.2.2#b.test",
+                "--upstream",
+                "192.0.2.9#c.test",
+            ]))
+            .unwrap();
+        assert_eq!(r, Reloaded { upstreams: 2, zones: 0 });
+        assert_eq!(p.upstreams[0].role, Role::Retired);
+        assert_eq!(p.upstreams[1].stats.answers, 1);
+        assert_eq!(p.upstreams[2].cfg.addr.to_string(), "192.0.2.9:853");
+        // The retired one is never chosen, even when it is the only healthy one.
+        p.upstream_failed(1, &"test", t0);
+        p.upstream_failed(2, &"test", t0);
+        assert_eq!(p.choose_upstream(Role::Default, None, t0), None);
+    }
+
+    #[test]
+    fn zone_labels_read_back() {
+        assert_eq!(zone_label(Some(&zone_wire("Corp.Example."))), "corp.example.");
+        assert_eq!(zone_label(Some(&zone_wire("."))), ".");
+    }
+}
