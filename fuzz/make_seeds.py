@@ -123,6 +123,12 @@ PARSE_RESPONSE = {
     "mode_records": pr(0x07, Q, A_REC + opt()),
     "mode_plain": pr(0x01, query("a.b", 16), b""),
     "name_255": pr(0, query(NAME_255), response(query(NAME_255), rr(b"\xc0\x0c", 1, b"\1\2\3\4"), 1)),
+    # The question "A\000b." with its root label read through a pointer into
+    # its own label: the same name in other bytes, so restore_for_client
+    # leaves the answer's question as it is.
+    "question_compressed_into_itself": pr(
+        0, header() + b"\x03A\x00b\x00\0\1\0\1", header(0x1234, 0x8180, 1, 1) + b"\x03a\x00B\xc0\x0e\0\1\0\1" + A_REC
+    ),
 }
 
 

@@ -67,7 +67,12 @@ pub fn restore_for_client(answer: &mut [u8], query: &Query, msg: &[u8]) {
     }
     let same_span = read_name(answer, HEADER_LEN, true).is_ok_and(|(_, end)| end + 4 == query.question_end);
     if same_span {
-        if let Some(dst) = answer.get_mut(HEADER_LEN..query.question_end) {
+        // Equal lengths unless `msg` is not the query's own bytes: then
+        // nothing is written rather than a panic.
+        if let Some(dst) = answer
+            .get_mut(HEADER_LEN..query.question_end)
+            .filter(|d| d.len() == question.len())
+        {
             dst.copy_from_slice(question);
         }
     }

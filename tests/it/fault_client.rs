@@ -1,6 +1,14 @@
-//! Catalogue group U (reliability.md §3.2): hostile and odd UDP client
-//! input. Every reply the proxy makes up itself must come without any
-//! upstream traffic; every test ends with the quiescence check.
+//! Hostile and odd UDP client input: short and response datagrams, bad
+//! question counts and names, trailing garbage, other opcodes, EDNS
+//! versions and broken OPT records, unknown options and flags, zone
+//! transfers, letter case, clients sharing IDs or retransmitting, big
+//! queries, the access list. Every reply the proxy makes up itself must
+//! come without any upstream traffic; every test ends with the quiescence
+//! check.
+//!
+//! Test names start with the case's label (U1, U2, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::net::{IpAddr, UdpSocket};
 use std::time::Duration;
@@ -40,8 +48,8 @@ fn expect_local_raw(s: &Setup, q: &[u8], rcode: u8, what: &str) -> (Message, Vec
     (m, r)
 }
 
-/// A FORMERR: no EDE (reliability.md 1.10); if it echoes a question, that
-/// is the client's, byte for byte.
+/// A FORMERR, without an EDE (dotproxy attaches none to FORMERR); if it
+/// echoes a question, that is the client's, byte for byte.
 fn expect_formerr(s: &Setup, q: &[u8], what: &str) {
     let (m, r) = expect_local_raw(s, q, RCODE_FORMERR, what);
     assert!(ede_of(&m).is_empty(), "{what}: EDE on a FORMERR");
@@ -63,8 +71,9 @@ fn raw_query(id: u16, rest: &[u8]) -> Vec<u8> {
     m
 }
 
-/// U1, U2, U12: datagrams shorter than a header, QR=1 and TC=1 queries are
-/// dropped: no reply, counted as malformed, nothing forwarded.
+/// U1, U2, U12: datagrams shorter than a header (0, 1, 2 and 11 bytes),
+/// QR=1 (a query with the bit set, and a whole valid response) and TC=1
+/// queries are dropped: no reply, counted as malformed, nothing forwarded.
 #[test]
 fn u1_u2_u12_short_qr_and_tc_dropped_and_counted() {
     let (s, fds) = Setup::observed(Script::default(), 1000, &[]);
@@ -72,22 +81,29 @@ fn u1_u2_u12_short_qr_and_tc_dropped_and_counted() {
     let good = query(0x0A0A, "u1.example");
     let mut qr = query(0x0B0B, "u2.example");
     qr[2] |= 0x80;
+    let response = dns::default_answer(&query(0x0B0C, "u2-answer.example")).expect("answer");
     let mut tc = query(0x0C0C, "u12.example");
     tc[2] |= 0x02;
-    let bad: Vec<Vec<u8>> = vec![vec![], vec![0x12], good[..11].to_vec(), qr, tc];
+    let bad: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x12],
+        good[..2].to_vec(),
+        good[..11].to_vec(),
+        qr,
+        response,
+        tc,
+    ];
     for b in &bad {
         sock.send_to(b, s.proxy.udp_addr()).unwrap();
     }
     // The dropped ones need no upstream round trip: a reply to any of them
-    // would arrive before this answer.
-    let r = udp_exchange_on(
-        &sock,
-        s.proxy.udp_addr(),
-        &query(0x600D, "good.example"),
-        deadline_ms(3000),
-    );
-    let first = r.expect("good query unanswered");
-    assert_eq!(Message::must(&first).id, 0x600D);
+    // would arrive before this answer, so the first datagram back must be
+    // the good answer.
+    sock.send_to(&query(0x600D, "good.example"), s.proxy.udp_addr())
+        .unwrap();
+    let first = udp_recv(&sock, deadline_ms(3000)).expect("good query unanswered");
+    assert_eq!(Message::must(&first).id, 0x600D, "got a reply to a malformed datagram");
+    crate::it::basic::assert_default_answer(&first, 0x600D, "good.example");
     assert!(
         udp_recv(&sock, deadline_ms(150)).is_none(),
         "a dropped datagram was answered"
@@ -260,9 +276,9 @@ fn u9_opt_records_two_non_root_and_option_floods() {
     quiescent(&s.proxy, fds);
 }
 
-/// U9 (RFC 6891 §6.1.2, CVE-2026-42004 in reliability.md 1.5): an option
-/// whose length runs past the OPT RDATA is a malformed OPT: FORMERR, never
-/// "ignore and rewrite".
+/// U9 (RFC 6891 §6.1.2): an option whose length runs past the OPT RDATA
+/// makes the OPT malformed: FORMERR, never ignoring the overrun and
+/// rewriting the OPT.
 #[test]
 fn u9_option_length_past_rdlen_formerr() {
     let (s, fds) = Setup::observed(Script::default(), 1000, &[]);
@@ -311,8 +327,9 @@ fn u10_unknown_option_passed_unknown_flag_zeroed() {
     quiescent(&s.proxy, fds);
 }
 
-/// U10, second half: the OPT the proxy sends upstream is its own
-/// (reliability.md 1.5, RFC 6891 §6.1.4): unknown flag bits are not copied.
+/// U10, second half: the OPT the proxy sends upstream is its own, and a
+/// sender sets the Z bits to zero (RFC 6891 §6.1.4): unknown flag bits are
+/// not copied.
 #[test]
 fn u10_unknown_flag_not_forwarded_upstream() {
     let (s, fds) = Setup::observed(Script::default(), 1000, &[]);
@@ -349,8 +366,8 @@ fn u11_zone_transfers_refused_locally() {
     quiescent(&s.proxy, fds);
 }
 
-/// U11 with EDNS: the refusal carries EDE 21 "Not Supported"
-/// (reliability.md 1.10).
+/// U11 with EDNS: the refusal carries EDE 21 "Not Supported" (RFC 8914
+/// §4.22).
 #[test]
 fn u11_zone_transfer_refusal_carries_ede_21() {
     let (s, fds) = Setup::observed(Script::default(), 1000, &[]);
@@ -457,7 +474,11 @@ fn u15_retransmission_while_in_flight() {
     let sock = udp_socket();
     let q = query(0x1515, "again.example");
     sock.send_to(&q, s.proxy.udp_addr()).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // In flight: the upstream has it (and answers 200 ms later).
+    assert!(
+        s.upstream.wait_until(deadline_ms(2000), |st| !st.queries.is_empty()),
+        "first copy never reached the upstream"
+    );
     sock.send_to(&q, s.proxy.udp_addr()).unwrap();
     let mut got = Vec::new();
     // Bounded: at most 3 receives, each with a deadline.

@@ -1,10 +1,17 @@
-//! Catalogue group E (reliability.md §3.2): EDNS, UDP sizes and
-//! truncation at the exact budget edges, padding, keepalive, EDE.
+//! EDNS: the UDP size budget (512 without EDNS, else the client's size
+//! clamped to [512, 1232]) and truncation at its exact edges, padding and
+//! keepalive options on the way up and down, extended RCODEs, Extended DNS
+//! Errors (RFC 8914).
+//!
+//! Test names start with the case's label (E1, E2, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::dns::{Message, RCODE_SERVFAIL};
+use crate::it::basic::assert_default_answer;
+use crate::util::dns::{Message, RCODE_NOERROR, RCODE_SERVFAIL};
 use crate::util::upstream::first_label_starts_with;
 use crate::util::wire::{
     self, ede_of, opt_of, option_codes, query_opt, OptSpec, Resp, OPT_EDE, OPT_KEEPALIVE, OPT_PADDING, RCODE_NXDOMAIN,
@@ -39,18 +46,41 @@ fn udp(s: &Setup, q: &[u8]) -> (Message, Vec<u8>) {
 }
 
 /// `size` fits the client (full answer of exactly that size) and
-/// `size + 1` does not (minimal TC answer within the budget).
+/// `size + 1` does not (minimal TC answer within the budget: the header
+/// with the client's ID and RCODE, the question, no records, and an OPT
+/// exactly when the client sent one).
 fn edge(s: &Setup, id: u16, make: impl Fn(u16, &str) -> Vec<u8>, size: usize, with_opt: bool, what: &str) {
     let suffix = if with_opt { "o" } else { "" };
-    let (m, r) = udp(s, &make(id, &format!("s{size}{suffix}.example")));
+    let q = make(id, &format!("s{size}{suffix}.example"));
+    let client_opt = Message::must(&q).opt.is_some();
+    let (m, r) = udp(s, &q);
+    assert_eq!(m.id, id, "{what}: ID");
     assert!(!m.tc, "{what}: a {size}-byte answer was truncated");
     assert_eq!(r.len(), size, "{what}: answer size");
+    assert_eq!(
+        m.opt.is_some(),
+        client_opt,
+        "{what}: OPT presence must mirror the query's"
+    );
     let over = size + 1;
-    let (m, r) = udp(s, &make(id + 1, &format!("s{over}{suffix}.example")));
+    let name = format!("s{over}{suffix}.example");
+    let q = make(id + 1, &name);
+    let (m, r) = udp(s, &q);
     assert!(m.tc, "{what}: a {over}-byte answer was not truncated");
     assert!(r.len() <= size, "{what}: TC answer of {} bytes", r.len());
+    assert_eq!(
+        (m.id, m.qr, m.rcode),
+        (id + 1, true, RCODE_NOERROR),
+        "{what}: TC header"
+    );
     assert_eq!((m.ancount, m.nscount), (0, 0), "{what}: records in a TC answer");
     assert_eq!(m.qdcount, 1, "{what}: question missing");
+    assert_eq!(m.qname(), name, "{what}: question");
+    assert_eq!(
+        m.opt.is_some(),
+        client_opt,
+        "{what}: OPT presence must mirror the query's"
+    );
 }
 
 /// E1: no OPT: 512 bytes fit, 513 are truncated (TC=1, no OPT, RCODE
@@ -81,7 +111,7 @@ fn e1_no_edns_budget_512_and_tc_keeps_rcode() {
     assert_eq!(r.len(), 600, "TCP answer cut");
     // dig: truncated over UDP, retried over TCP, all records shown.
     let port = s.proxy.udp_addr().port().to_string();
-    match Command::new("dig")
+    let out = Command::new("dig")
         .args([
             "@127.0.0.1",
             "-p",
@@ -93,20 +123,16 @@ fn e1_no_edns_budget_512_and_tc_keeps_rcode() {
             "TXT",
         ])
         .output()
-    {
-        Ok(out) => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                text.contains("Truncated, retrying in TCP mode"),
-                "dig did not see TC:\n{text}"
-            );
-            assert!(
-                text.contains("ANSWER: 3"),
-                "dig over TCP did not get the answer:\n{text}"
-            );
-        }
-        Err(e) => eprintln!("e1: dig not available ({e}); skipped"),
-    }
+        .unwrap_or_else(|e| panic!("e1 needs dig (Debian: dnsutils): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Truncated, retrying in TCP mode"),
+        "dig did not see TC:\n{text}"
+    );
+    assert!(
+        text.contains("ANSWER: 3"),
+        "dig over TCP did not get the answer:\n{text}"
+    );
     quiescent(&hooked.0.proxy, hooked.1);
     quiescent(&s.proxy, fds);
 }
@@ -182,8 +208,9 @@ fn e5_upstream_padding_stripped_before_size_check() {
 }
 
 /// E6: with or without the client's own padding option, the upstream sees
-/// exactly one padding option and a length that is a multiple of 128, over
-/// UDP and TCP; padding bytes are zero.
+/// exactly one padding option (zero bytes) and an empty edns-tcp-keepalive
+/// option, and a length that is a multiple of 128, over UDP and TCP; the
+/// answer carries an OPT exactly when the client sent one.
 #[test]
 fn e6_exactly_one_padding_option_upstream() {
     let (s, fds) = Setup::observed(Script::default(), 2000, &[]);
@@ -194,11 +221,38 @@ fn e6_exactly_one_padding_option_upstream() {
             OptSpec::new(1232).option(OPT_PADDING, &[0; 37]),
         )
     };
-    assert!(udp_exchange(s.proxy.udp_addr(), &with_pad(0xE600), deadline_ms(2000)).is_some());
-    assert!(tcp_exchange(s.proxy.tcp_addr(), &with_pad(0xE601), deadline_ms(2000)).is_some());
     let long = format!("{}.{}.example", "x".repeat(63), "y".repeat(50));
-    assert!(udp_exchange(s.proxy.udp_addr(), &query(0xE602, &long), deadline_ms(2000)).is_some());
-    assert!(tcp_exchange(s.proxy.tcp_addr(), &query(0xE603, "nopad.example"), deadline_ms(2000)).is_some());
+    let answers = [
+        (
+            udp_exchange(s.proxy.udp_addr(), &with_pad(0xE600), deadline_ms(2000)),
+            "pad-client.example",
+            true,
+        ),
+        (
+            tcp_exchange(s.proxy.tcp_addr(), &with_pad(0xE601), deadline_ms(2000)),
+            "pad-client.example",
+            true,
+        ),
+        (
+            udp_exchange(s.proxy.udp_addr(), &query(0xE602, &long), deadline_ms(2000)),
+            long.as_str(),
+            false,
+        ),
+        (
+            tcp_exchange(s.proxy.tcp_addr(), &query(0xE603, "nopad.example"), deadline_ms(2000)),
+            "nopad.example",
+            false,
+        ),
+    ];
+    for (i, (r, name, edns)) in answers.iter().enumerate() {
+        let id = 0xE600 + i as u16;
+        let m = assert_default_answer(r.as_ref().unwrap_or_else(|| panic!("{name}: no answer")), id, name);
+        assert_eq!(
+            m.opt.is_some(),
+            *edns,
+            "{name}: OPT in the answer, client sent one: {edns}"
+        );
+    }
     let up = s.upstream.queries();
     assert_eq!(up.len(), 4);
     for q in &up {
@@ -207,6 +261,11 @@ fn e6_exactly_one_padding_option_upstream() {
         let pads: Vec<_> = opts.iter().filter(|(c, _)| *c == OPT_PADDING).collect();
         assert_eq!(pads.len(), 1, "{}: {} padding options", q.qname(), pads.len());
         assert!(pads[0].1.iter().all(|&b| b == 0), "{}: padding not zero", q.qname());
+        assert!(
+            opts.iter().any(|(c, d)| *c == OPT_KEEPALIVE && d.is_empty()),
+            "{}: no empty keepalive option: {opts:?}",
+            q.qname()
+        );
     }
     quiescent(&s.proxy, fds);
 }

@@ -159,9 +159,15 @@ fn http_silent_client_closed_within_about_2s() {
 fn http_more_than_16_connections_closed_at_once() {
     let (s, fds) = Setup::observed(Script::default(), 1000, &[]);
     let addr = s.proxy.metrics_addr();
+    let before = s.proxy.open_fds();
     let held: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(addr).expect("connect")).collect();
-    // Let the proxy accept all 16.
-    std::thread::sleep(Duration::from_millis(100));
+    // The proxy has accepted all 16: one more fd each. (Not a scrape: that
+    // would need one of the 16 places.)
+    assert!(
+        crate::util::wait_until(deadline_ms(2000), || s.proxy.open_fds() >= before + 16),
+        "the proxy accepted only {} of 16 scrapers",
+        s.proxy.open_fds().saturating_sub(before)
+    );
     let t = std::time::Instant::now();
     let r = http_raw(addr, b"GET /metrics HTTP/1.1\r\n\r\n", deadline_ms(1500));
     assert_eq!(r.status, 0, "17th scrape served: {}", r.head);

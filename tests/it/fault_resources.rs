@@ -1,7 +1,11 @@
-//! Catalogue groups R (resources and load) and L (lifecycle),
-//! reliability.md §3.2: per-address and connection limits, running out of
-//! file descriptors, CPU when idle or when the upstream is down, memory
-//! ceilings, SIGTERM with work in flight, clients vanishing mid-write.
+//! Resources and load (R) and process lifecycle (L): per-address and
+//! connection limits, running out of file descriptors, CPU when idle or
+//! when the upstream is down, memory ceilings, SIGTERM with work in flight,
+//! clients vanishing mid-write, upstream specs refused at start.
+//!
+//! Test names start with the case's label (R1, …, L1, …): the labels only
+//! number the cases of this module, so that a comment or a commit can
+//! name one.
 
 use std::io::Write;
 use std::net::UdpSocket;
@@ -14,8 +18,8 @@ use crate::util::dns::{frame, Message, RCODE_NOERROR, RCODE_SERVFAIL};
 use crate::util::net::{reset, set_rcvbuf};
 use crate::util::wire::{query_opt, OptSpec, RCODE_REFUSED};
 use crate::util::{
-    dead_port, deadline_ms, query, quiescent, quiescent_idle, run_to_exit, tcp_exchange, udp_exchange, udp_exchange_on,
-    udp_recv, udp_socket, wait_until, Script, Setup, TcpClient, TcpEvent, TestCa, TestProxy, NAME,
+    dead_port, deadline_ms, observed_over, query, quiescent, quiescent_idle, run_to_exit, tcp_exchange, udp_exchange,
+    udp_exchange_on, udp_recv, udp_socket, wait_until, Script, Setup, TcpClient, TcpEvent, TestCa, NAME,
 };
 
 /// R1: one address floods a slow upstream; `--max-inflight-per-ip 50`
@@ -37,7 +41,9 @@ fn r1_per_address_in_flight_cap() {
     let t0 = Instant::now();
     let (flood, other_answer) = std::thread::scope(|sc| {
         let h = sc.spawn(|| udp_bulk(addr, &qs, 5000, None, deadline_ms(5000)));
-        std::thread::sleep(Duration::from_millis(50));
+        // The flood has reached the cap: 127.0.0.1 is being refused.
+        let (_, capped) = s.proxy.wait_metrics(deadline_ms(3000), |m| m.rejected("busy") >= 1.0);
+        assert!(capped, "the flood never reached the cap of 50");
         let r = udp_exchange_on(&other, addr, &query(0x0202, "other.example"), deadline_ms(2000));
         (h.join().unwrap(), r)
     });
@@ -98,27 +104,43 @@ fn r1_busy_refused_no_bigger_than_the_query() {
 }
 
 /// R2: `--max-tcp-clients 20`: 30 connections at once, 20 served and 10
-/// closed at once; then 200 short-lived clients x 4 queries from 4 threads
-/// are all answered.
+/// closed at once without an answer and counted; the 20 keep working; once
+/// they leave, 200 short-lived clients x 4 queries from 4 threads are all
+/// answered.
 #[test]
 fn r2_many_tcp_clients() {
     let (s, fds) = Setup::observed(Script::default(), 2000, &["--max-tcp-clients", "20"]);
     let mut conns: Vec<TcpClient> = (0..30).map(|_| TcpClient::connect(s.proxy.tcp_addr())).collect();
-    std::thread::sleep(Duration::from_millis(100));
-    let (mut served, mut closed) = (0, 0);
+    // The proxy has accepted all 30: 20 kept, 10 closed.
+    let (m, ok) = s.proxy.wait_metrics(deadline_ms(2000), |m| {
+        m.tcp_clients() == 20.0 && m.sum("dotproxy_tcp_connections_refused_total") == 10.0
+    });
+    assert!(
+        ok,
+        "{} clients kept, {} refused",
+        m.tcp_clients(),
+        m.sum("dotproxy_tcp_connections_refused_total")
+    );
+    let (mut served, mut closed) = (Vec::new(), 0);
     for (i, c) in conns.iter_mut().enumerate() {
         let _ = c.stream.write_all(&frame(&query(i as u16, "many.example")));
         match c.next_event(deadline_ms(1000)) {
             TcpEvent::Frame(f) => {
                 assert_default_answer(&f, i as u16, "many.example");
-                served += 1;
+                served.push(i);
             }
             TcpEvent::Closed { .. } | TcpEvent::Error(_) => closed += 1,
             TcpEvent::Timeout => panic!("connection {i}: neither served nor closed"),
         }
     }
-    assert_eq!((served, closed), (20, 10));
+    assert_eq!((served.len(), closed), (20, 10));
     assert_eq!(s.proxy.metrics().sum("dotproxy_tcp_connections_refused_total"), 10.0);
+    // The twenty keep working after the refusals.
+    for &i in &served {
+        let id = 0x100 + i as u16;
+        let r = conns[i].exchange(&query(id, "again.example"), deadline_ms(2000));
+        assert_default_answer(&r.expect("held client after the limit"), id, "again.example");
+    }
     drop(conns);
     let (_, ok) = s.proxy.wait_metrics(deadline_ms(2000), |m| m.tcp_clients() == 0.0);
     assert!(ok);
@@ -141,7 +163,7 @@ fn r2_many_tcp_clients() {
     quiescent(&s.proxy, fds);
 }
 
-/// R3: with RLIMIT_NOFILE lowered to 64 (prlimit) and 100 clients
+/// R3: with RLIMIT_NOFILE lowered to 64 (prlimit, from util-linux) and 100 clients
 /// connecting, accept fails with EMFILE: the loop must not spin (CPU over
 /// 2 s ~ 0), UDP keeps working, and accepting resumes once clients leave.
 #[test]
@@ -150,14 +172,11 @@ fn r3_out_of_file_descriptors_no_spin() {
     let pid = s.proxy.pid().to_string();
     let r = udp_exchange(s.proxy.udp_addr(), &query(1, "warm.example"), deadline_ms(2000));
     assert!(r.is_some());
-    let st = Command::new("prlimit").args(["--pid", &pid, "--nofile=64:64"]).status();
-    match st {
-        Ok(st) if st.success() => {}
-        other => {
-            eprintln!("r3: prlimit unavailable ({other:?}); skipped");
-            return;
-        }
-    }
+    let st = Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=64:64"])
+        .status()
+        .unwrap_or_else(|e| panic!("r3 needs prlimit (Debian: util-linux): {e}"));
+    assert!(st.success(), "prlimit --pid {pid} --nofile=64:64: {st}");
     let clients: Vec<TcpClient> = (0..100).map(|_| TcpClient::connect(s.proxy.tcp_addr())).collect();
     // EMFILE is "os error 24".
     assert!(
@@ -167,6 +186,7 @@ fn r3_out_of_file_descriptors_no_spin() {
     let fds_now = s.proxy.open_fds();
     assert!(fds_now <= 66, "{fds_now} fds open with a limit of 64");
     let cpu0 = s.proxy.cpu_ticks();
+    // The measurement window: CPU used over 2 s while accept keeps failing.
     std::thread::sleep(Duration::from_millis(2000));
     let cpu = s.proxy.cpu_ticks() - cpu0;
     assert!(cpu <= 20, "{cpu} ticks of CPU in 2 s while out of fds: a busy loop");
@@ -187,21 +207,11 @@ fn r6_idle_and_upstream_down_cpu_near_zero() {
     let (idle, idle_fds) = Setup::observed(Script::default(), 2000, &[]);
     assert!(udp_exchange(idle.proxy.udp_addr(), &query(1, "idle.example"), deadline_ms(2000)).is_some());
     let ca = TestCa::new();
-    let down_arg = format!("127.0.0.1:{}#{NAME}", dead_port());
-    let down = TestProxy::start(&[
-        "--upstream",
-        &down_arg,
-        "--ca-file",
-        ca.pem_path_str(),
-        "--timeout",
-        "1000",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
-    let down_fds = down.baseline_fds();
+    let (down, down_fds) = observed_over(&ca, &[format!("127.0.0.1:{}#{NAME}", dead_port())], 1000);
     let r = udp_exchange(down.udp_addr(), &query(2, "down.example"), deadline_ms(2000));
     assert_eq!(Message::must(&r.expect("down")).rcode, RCODE_SERVFAIL);
     let (a0, b0) = (idle.proxy.cpu_ticks(), down.cpu_ticks());
+    // The measurement window: CPU used over 2 s of doing nothing.
     std::thread::sleep(Duration::from_millis(2000));
     let (a, b) = (idle.proxy.cpu_ticks() - a0, down.cpu_ticks() - b0);
     assert!(a <= 3, "idle proxy used {a} ticks in 2 s");
@@ -277,7 +287,11 @@ fn l1_sigterm_with_queries_in_flight() {
     assert!(s.upstream.wait_until(deadline_ms(2000), |st| st.queries.len() >= 15));
     let t0 = Instant::now();
     s.proxy.kill_term();
-    std::thread::sleep(Duration::from_millis(50));
+    // The proxy logs this as it stops taking new work.
+    assert!(
+        s.proxy.wait_for_log("shutting down", deadline_ms(2000)),
+        "no 'shutting down' line after SIGTERM"
+    );
     // No new work: a new UDP query goes unanswered, a new TCP connection is
     // refused or closed.
     let late = udp_socket();
@@ -334,30 +348,49 @@ fn l2_client_reset_mid_write() {
     for round in 0..5u16 {
         let c = TcpClient::connect(s.proxy.tcp_addr());
         set_rcvbuf(&c.stream, 4096);
+        // Eight 50 KB answers: 400 KB, under the 512 KiB of unread answers
+        // at which the proxy closes the client itself, so that it is still
+        // writing when the reset comes.
         let mut buf = Vec::new();
-        for i in 0..40u16 {
+        for i in 0..8u16 {
             buf.extend_from_slice(&frame(&query(round * 100 + i, "txt200.example")));
         }
         let mut c = c;
         c.stream.write_all(&buf).unwrap();
-        std::thread::sleep(Duration::from_millis(30));
+        // Mid-write: the first bytes of a 50 KB answer have come, and the
+        // 4 KB receive buffer cannot hold the rest.
+        c.stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let got = c.stream.peek(&mut [0u8; 1]);
+        assert!(
+            matches!(got, Ok(n) if n > 0),
+            "round {round}: the proxy never started writing: {got:?}"
+        );
         reset(c.stream);
     }
-    std::thread::sleep(Duration::from_millis(100));
+    // The proxy has seen every reset (or died of one).
+    let gone = wait_until(deadline_ms(3000), || {
+        !s.proxy.alive() || s.proxy.metrics().tcp_clients() == 0.0
+    });
     assert!(s.proxy.alive(), "proxy died (SIGPIPE?)");
+    assert!(gone, "the reset clients are still counted");
     quiescent(&s.proxy, fds);
 }
 
 /// L3: an upstream on port 53 (plain DNS) or without a name is refused at
-/// start with one line and status 2.
+/// start with status 2 and one line that names the upstream and the fault.
 #[test]
 fn l3_refuses_port_53_and_unnamed_upstreams() {
     for (spec, needle) in [("127.0.0.1:53#dns.test", "53"), ("127.0.0.1:853", "#NAME")] {
         let out = run_to_exit(&["--listen", "127.0.0.1:0", "--upstream", spec], Duration::from_secs(5));
-        let st = out.status.expect("did not exit");
-        assert_eq!(st.code(), Some(2), "{spec}: {st:?}");
+        let st = out.status.expect("did not exit within 5 s");
+        assert_eq!(st.code(), Some(2), "{spec}: {st:?}; stderr: {}", out.stderr);
         let lines: Vec<_> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{spec}: {lines:?}");
+        assert_eq!(lines.len(), 1, "{spec}: expected one stderr line, got {lines:?}");
         assert!(lines[0].contains(needle), "{spec}: {}", lines[0]);
+        assert!(
+            lines[0].contains(spec) || lines[0].to_lowercase().contains("upstream"),
+            "{spec}: the line does not say which option is wrong: {}",
+            lines[0]
+        );
     }
 }

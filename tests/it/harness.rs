@@ -303,6 +303,7 @@ fn harness_upstream_partial_query_frames() {
     let f = dns::frame(&query(77, "split.example"));
     for piece in [&f[..1], &f[1..3], &f[3..10], &f[10..]] {
         c.send_raw(piece).unwrap();
+        // The stimulus: pieces written apart, so they arrive apart.
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(Message::must(&c.recv(deadline_ms(5000)).unwrap()).id, 77);

@@ -17,4 +17,3 @@ mod harness;
 mod malformed;
 mod pipelining;
 mod reload;
-mod truncation;

@@ -73,24 +73,6 @@ fn tcp_200_pipelined_reverse_batches_with_jitter() {
     pipelined_tcp(&s, 200);
 }
 
-/// Frames cut at awkward places (inside the length prefix, inside a
-/// message), written with pauses: the proxy reassembles them.
-#[test]
-fn tcp_frames_split_across_writes() {
-    let s = Setup::new(Script::default());
-    let mut bytes = Vec::new();
-    for i in 0..5u16 {
-        bytes.extend_from_slice(&crate::util::dns::frame(&query(i, &format!("s{i}.example"))));
-    }
-    let cuts = [1, 2, 9, 30, 31, 60, bytes.len() - 1];
-    let mut c = TcpClient::connect(s.proxy.tcp_addr());
-    c.send_split(&bytes, &cuts, Duration::from_millis(5));
-    let answers = c.recv_n(5, deadline_ms(5000));
-    let mut ids: Vec<u16> = answers.iter().map(|a| Message::must(a).id).collect();
-    ids.sort_unstable();
-    assert_eq!(ids, vec![0, 1, 2, 3, 4]);
-}
-
 /// 20 UDP sockets x 100 queries, every socket using the SAME IDs 0..100;
 /// each answer must reach the right socket with the right ID and qname.
 #[test]

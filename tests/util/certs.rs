@@ -66,6 +66,19 @@ pub enum Validity {
     NotYetValid,
 }
 
+/// Parameters of a CA certificate (root or intermediate) named `common_name`.
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
 /// A test certificate authority. Its PEM is written to `pem_path()` (pass it
 /// to the proxy as `--ca-file`). The directory goes away on drop.
 pub struct TestCa {
@@ -80,29 +93,12 @@ impl TestCa {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("dotproxy test CA {n}"));
+        let mut params = ca_params(&format!("dotproxy test CA {n}"));
         params
             .distinguished_name
             .push(DnType::OrganizationName, "dotproxy tests");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
         let cert = params.self_signed(&key).expect("CA self-sign");
-        let dir = TempDir::new("ca");
-        let pem_path = dir.path().join("ca.pem");
-        fs::write(&pem_path, cert.pem()).expect("write CA pem");
-        TestCa {
-            cert,
-            key,
-            pem_path,
-            dir,
-        }
+        TestCa::with_pem_file(cert, key, "ca")
     }
 
     /// An intermediate CA issued by this one. Its leaves carry only
@@ -110,23 +106,19 @@ impl TestCa {
     /// Its own `pem_path()` holds the intermediate alone.
     pub fn sub_ca(&self) -> TestCa {
         let key = KeyPair::generate().expect("intermediate key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("intermediate params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "dotproxy test intermediate");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut params = ca_params("dotproxy test intermediate");
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&key, &self.cert, &self.key)
             .expect("sign intermediate");
-        let dir = TempDir::new("subca");
+        TestCa::with_pem_file(cert, key, "subca")
+    }
+
+    /// Writes `cert` to `ca.pem` in a fresh temporary directory.
+    fn with_pem_file(cert: rcgen::Certificate, key: KeyPair, dir_prefix: &str) -> TestCa {
+        let dir = TempDir::new(dir_prefix);
         let pem_path = dir.path().join("ca.pem");
-        fs::write(&pem_path, cert.pem()).expect("write intermediate pem");
+        fs::write(&pem_path, cert.pem()).expect("write CA pem");
         TestCa {
             cert,
             key,
@@ -186,24 +178,14 @@ impl TestCa {
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
         let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign leaf");
-        Leaf {
-            chain: vec![cert.der().clone()],
-            cert_pem: cert.pem(),
-            key_der: key.serialize_der(),
-            key_pem: key.serialize_pem(),
-        }
+        Leaf::from_parts(&cert, &key)
     }
 
     pub fn leaf_with(&self, names: &[&str], validity: Validity) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
         let params = leaf_params(names, validity);
         let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign leaf");
-        Leaf {
-            chain: vec![cert.der().clone()],
-            cert_pem: cert.pem(),
-            key_der: key.serialize_der(),
-            key_pem: key.serialize_pem(),
-        }
+        Leaf::from_parts(&cert, &key)
     }
 }
 
@@ -248,17 +230,22 @@ pub struct Leaf {
 }
 
 impl Leaf {
-    /// A self-signed leaf (no CA at all).
-    pub fn self_signed(names: &[&str]) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
-        let params = leaf_params(names, Validity::Valid);
-        let cert = params.self_signed(&key).expect("self-sign leaf");
+    /// A leaf chain of just `cert`, with its key.
+    fn from_parts(cert: &rcgen::Certificate, key: &KeyPair) -> Leaf {
         Leaf {
             chain: vec![cert.der().clone()],
             cert_pem: cert.pem(),
             key_der: key.serialize_der(),
             key_pem: key.serialize_pem(),
         }
+    }
+
+    /// A self-signed leaf (no CA at all).
+    pub fn self_signed(names: &[&str]) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let params = leaf_params(names, Validity::Valid);
+        let cert = params.self_signed(&key).expect("self-sign leaf");
+        Leaf::from_parts(&cert, &key)
     }
 
     /// A leaf issued by a fresh CA that nobody trusts.

@@ -254,6 +254,21 @@ impl UdpBulk {
     }
 }
 
+/// Every query of a bulk run was answered NOERROR for its own name
+/// (`name(i)` is query i's), and no datagram came that matched no
+/// outstanding query (a second answer, or one for another client).
+pub fn assert_bulk_ok(r: &UdpBulk, name: impl Fn(usize) -> String, what: &str) {
+    for (i, a) in r.answers.iter().enumerate() {
+        let a = a
+            .as_ref()
+            .unwrap_or_else(|| panic!("{what}: query {i} unanswered ({} answered)", r.answered()));
+        let m = dns::Message::must(a);
+        assert_eq!(m.rcode, dns::RCODE_NOERROR, "{what}: query {i}: rcode");
+        assert_eq!(m.qname(), name(i), "{what}: query {i}: answer for another name");
+    }
+    assert!(r.stray.is_empty(), "{what}: {} stray answers", r.stray.len());
+}
+
 /// Sends `queries` (IDs must be distinct) from one socket to `addr`, with at
 /// most `window` outstanding; an unanswered query is sent again after
 /// `retransmit_after` (at most 3 times) if given. Returns when all are

@@ -282,7 +282,7 @@ impl TestProxy {
     }
 }
 
-/// The end-of-test check (reliability.md §3.1): within 3 s, nothing in
+/// The check every fault test ends with: within 3 s, nothing in
 /// flight (`dotproxy_inflight`, per-upstream in-flight), no TCP client left,
 /// open fds back to `baseline_fds` plus the upstream connections the proxy
 /// reports plus 2; then a last UDP query is answered NOERROR.

@@ -71,6 +71,14 @@ impl Setup {
     }
 }
 
+/// [`TestProxy::over`] plus `--metrics 127.0.0.1:0`; returns the proxy and
+/// its fd baseline for [`quiescent`].
+pub fn observed_over(ca: &TestCa, upstreams: &[String], timeout_ms: u64) -> (TestProxy, usize) {
+    let p = TestProxy::over(ca, upstreams, timeout_ms, &["--metrics", "127.0.0.1:0"]);
+    let fds = p.baseline_fds();
+    (p, fds)
+}
+
 /// A 127.0.0.1 port with nothing listening (bound, then released).
 pub fn dead_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -120,16 +120,18 @@ impl TestProxy {
         timeout_ms: u64,
         extra: &[&str],
     ) -> TestProxy {
-        let up = upstream.arg(name);
+        TestProxy::over(ca, &[upstream.arg(name)], timeout_ms, extra)
+    }
+
+    /// One `--upstream` per entry of `upstreams` (in order), `--ca-file`
+    /// of `ca`, `--timeout timeout_ms`, plus `extra`.
+    pub fn over(ca: &TestCa, upstreams: &[String], timeout_ms: u64, extra: &[&str]) -> TestProxy {
         let t = timeout_ms.to_string();
-        let mut args = vec![
-            "--upstream",
-            up.as_str(),
-            "--ca-file",
-            ca.pem_path_str(),
-            "--timeout",
-            t.as_str(),
-        ];
+        let mut args: Vec<&str> = Vec::new();
+        for u in upstreams {
+            args.extend_from_slice(&["--upstream", u.as_str()]);
+        }
+        args.extend_from_slice(&["--ca-file", ca.pem_path_str(), "--timeout", t.as_str()]);
         args.extend_from_slice(extra);
         TestProxy::start(&args)
     }

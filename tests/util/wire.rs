@@ -145,6 +145,20 @@ pub fn ede_of(m: &Message) -> Vec<(u16, String)> {
         .unwrap_or_default()
 }
 
+/// A SERVFAIL with the client's ID carrying one of the Extended DNS Error
+/// codes in `edes` (RFC 8914: 0 other, 22 no reachable authority, 23
+/// network error).
+pub fn assert_servfail_ede(m: &Message, id: u16, edes: &[u16], what: &str) {
+    assert_eq!(m.id, id, "{what}: ID");
+    assert!(m.qr, "{what}: QR not set");
+    assert_eq!(m.rcode, dns::RCODE_SERVFAIL, "{what}: rcode");
+    let got = ede_of(m);
+    assert!(
+        got.iter().any(|(c, _)| edes.contains(c)),
+        "{what}: EDE {got:?}, wanted one of {edes:?}"
+    );
+}
+
 /// The raw question bytes (name + type + class) of a message, from offset 12.
 pub fn question_bytes(msg: &[u8]) -> Vec<u8> {
     let (_, end) = dns::read_name(msg, 12).expect("question name");
