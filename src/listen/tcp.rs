@@ -120,10 +120,6 @@ pub struct Clients {
 pub enum Closed {
     /// Its pending answers made no progress for the idle time.
     StoppedReading(SocketAddr),
-    /// Its backlog of unread answers passed its share.
-    TooSlow(SocketAddr),
-    /// Evicted, idle, to admit a newcomer at a connection limit.
-    Evicted(SocketAddr),
 }
 
 impl Clients {

@@ -326,6 +326,7 @@ impl Proxy {
                     if let Some(Closed::StoppedReading(peer)) =
                         self.clients.on_idle_timer(key, gen, now, &mut self.timers)
                     {
+                        self.stats.tcp_closed.stopped_reading += 1;
                         let what = format_args!("tcp client {peer} closed: stopped reading its answers");
                         self.notices.warn(Notice::SlowReader, now, what);
                     }

@@ -78,6 +78,7 @@ impl Proxy {
                     {
                         Ok((key, evicted)) => {
                             if let Some(old) = evicted {
+                                self.stats.tcp_closed.evicted += 1;
                                 let what =
                                     format_args!("tcp client {old} closed: idle, to admit a new connection at a limit");
                                 self.notices.warn(Notice::TcpClients, now, what);
@@ -419,6 +420,7 @@ impl Proxy {
             }
             Origin::Tcp { key, gen } => {
                 if let Err(Gone::TooSlow(peer)) = self.clients.deliver(key, gen, answer, now) {
+                    self.stats.tcp_closed.too_slow += 1;
                     let what = format_args!("tcp client {peer} closed: does not read its answers");
                     self.notices.warn(Notice::SlowReader, now, what);
                 }

@@ -198,9 +198,6 @@ struct Activity {
     /// When a whole message last arrived: handshake bytes do not count, a
     /// server can finish TLS and then say nothing.
     last_answer: Option<Instant>,
-    /// Queries that timed out in a row while the server said nothing since
-    /// they were sent.
-    silent_timeouts: u32,
 }
 
 /// When a connection with nothing in flight closes.
@@ -292,7 +289,6 @@ impl<S: Transport> UpstreamConn<S> {
             activity: Activity {
                 last_active: now,
                 last_answer: None,
-                silent_timeouts: 0,
             },
             was_ready: false,
             read_more: false,
@@ -338,17 +334,6 @@ impl<S: Transport> UpstreamConn<S> {
     /// Whether the last read stopped at its budget with more to read.
     pub fn has_more(&self) -> bool {
         self.read_more
-    }
-
-    /// A query sent at `sent_at` timed out. Returns how many queries timed
-    /// out in a row with the server silent since they were sent: one slow
-    /// answer is not an outage, silence across several queries is.
-    pub fn timed_out_silent(&mut self, sent_at: Instant) -> u32 {
-        if self.activity.last_answer.is_some_and(|t| t > sent_at) {
-            return 0;
-        }
-        self.activity.silent_timeouts += 1;
-        self.activity.silent_timeouts
     }
 
     pub fn sent(&self) -> u64 {
@@ -557,7 +542,6 @@ impl<S: Transport> UpstreamConn<S> {
             Err(e) => return Some(Err(CloseReason::BadFrame(e))),
         }
         self.activity.last_answer = Some(now);
-        self.activity.silent_timeouts = 0;
         let id = crate::wire::id(frame).unwrap_or(0);
         Some(Ok(match self.ids.take(id) {
             Lookup::Live(query) => Answer::Live { id, query },

@@ -33,9 +33,9 @@ const MAX_INFLIGHT_PER_CONN: usize = 1000;
 /// Connections per upstream; more only when the others are full
 /// (RFC 7766 §6.2.2 asks for few).
 pub const MAX_CONNS_PER_UPSTREAM: usize = 4;
-/// Queries that time out in a row on a connection whose server says
-/// nothing before it counts as stalled: one slow answer is not an outage (a
-/// late answer shows the server alive), silence across several queries is.
+/// Connections in a row that went silent (a query timed out with nothing
+/// heard since it was sent) before the upstream counts as failed: one slow
+/// answer is not an outage, silence across several queries is.
 const STALL_AFTER: u32 = 3;
 /// Timed-out IDs a connection may hold before it is drained and replaced.
 const MAX_TOMBSTONES: usize = 256;
@@ -100,6 +100,8 @@ struct Upstream {
     label: String,
     conns: Vec<usize>,
     health: Health,
+    /// Connections that went silent since it last sent anything.
+    stalls: u32,
     stats: UpstreamStats,
 }
 
@@ -415,7 +417,13 @@ impl Pool {
     pub fn next_answer(&mut self, key: usize, frame: &mut Vec<u8>, now: Instant) -> Option<Answer> {
         let conn = self.conns.get_mut(key)?;
         match conn.next_answer(frame, now) {
-            Some(Ok(answer)) => return Some(answer),
+            Some(Ok(answer)) => {
+                // Any message, a late one too, shows the server alive.
+                if let Some(up) = self.upstreams.get_mut(conn.upstream()) {
+                    up.stalls = 0;
+                }
+                return Some(answer);
+            }
             Some(Err(reason)) => self.doomed.push((key, reason)),
             None if conn.drained() => self.doomed.push((key, CloseReason::Recycled)),
             None if conn.has_output() && conn.mark_dirty() => self.dirty.push(key),
@@ -474,10 +482,12 @@ impl Pool {
             return;
         };
         conn.bury(sent.id, q);
-        let silent = conn.was_ready() && conn.last_answer().is_none_or(|t| t <= sent.at);
-        if silent && conn.timed_out_silent(sent.at) >= STALL_AFTER {
+        if conn.was_ready() && conn.last_answer().is_none_or(|t| t <= sent.at) {
+            // Silent since the query went out: replace the connection now
+            // and re-send the rest; whether the upstream failed is decided
+            // at the close, by its streak of silent connections.
             self.doomed.push((sent.conn, CloseReason::Stalled));
-        } else if !silent && conn.tombstones() > MAX_TOMBSTONES && conn.accepts_queries() {
+        } else if conn.tombstones() > MAX_TOMBSTONES && conn.accepts_queries() {
             conn.drain(Drain::LateAnswers);
             if conn.drained() {
                 self.doomed.push((sent.conn, CloseReason::Recycled));
@@ -557,7 +567,13 @@ impl Pool {
             if let Some(up) = self.upstreams.get_mut(u) {
                 up.conns.retain(|&c| c != key);
             }
-            let failed = reason.is_failure(conn.was_ready(), conn.last_answer().is_some(), in_flight);
+            let mut failed = reason.is_failure(conn.was_ready(), conn.last_answer().is_some(), in_flight);
+            if matches!(reason, CloseReason::Stalled) {
+                if let Some(up) = self.upstreams.get_mut(u) {
+                    up.stalls += 1;
+                    failed = up.stalls >= STALL_AFTER;
+                }
+            }
             // A stream that broke after a good handshake (a garbage frame
             // or record) is likely this connection's trouble: its queries
             // get their re-send even when this is the only upstream, and
@@ -775,6 +791,7 @@ fn build(cfg: &Config) -> Result<(Vec<Upstream>, Vec<Vec<u8>>), String> {
             label: u.to_string(),
             conns: Vec::new(),
             health: Health::Up,
+            stalls: 0,
             stats: UpstreamStats::default(),
         });
     }
