@@ -95,7 +95,7 @@ pub fn raise_nofile() -> u64 {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 /// TCP clients that fit under `nofile` descriptors once `reserved` are
