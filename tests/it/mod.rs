@@ -14,6 +14,8 @@ mod fault_tls;
 mod fault_upstream;
 mod features;
 mod harness;
+mod hardening_clients;
+mod hardening_upstreams;
 mod malformed;
 mod pipelining;
 mod reload;

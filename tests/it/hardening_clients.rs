@@ -1,0 +1,1 @@
+//! Hardening, clients: slow, silent, crowding and numerous clients.

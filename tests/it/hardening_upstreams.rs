@@ -1,0 +1,1 @@
+//! Hardening, upstreams, answers and reloads.
