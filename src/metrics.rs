@@ -202,12 +202,18 @@ fn upstream_answers(e: &mut Exposition, s: &Stats) {
 
 fn upstreams(e: &mut Exposition, pool: &Pool, now: Instant) {
     type Get = fn(&crate::upstream::pool::UpstreamView<'_>) -> f64;
-    let per_upstream: [(&str, &str, &str, Get); 6] = [
+    let per_upstream: [(&str, &str, &str, Get); 7] = [
         (
             "dotproxy_upstream_up",
             "gauge",
             "1 unless the upstream is in back-off after a failure.",
             |u| f64::from(u8::from(u.up)),
+        ),
+        (
+            "dotproxy_upstream_pipelining",
+            "gauge",
+            "1 unless the upstream is sent one query per connection (seen not to pipeline).",
+            |u| f64::from(u8::from(u.pipelining)),
         ),
         (
             "dotproxy_upstream_connections",

@@ -27,6 +27,12 @@ pub enum Timer {
         conn: usize,
         gen: u32,
     },
+    /// Whether a connection that went quiet with queries outstanding does
+    /// not pipeline.
+    PipelineCheck {
+        conn: usize,
+        gen: u32,
+    },
     ClientIdle {
         key: usize,
         gen: u32,

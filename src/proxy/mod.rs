@@ -321,7 +321,9 @@ impl Proxy {
                         self.time_out(q, now);
                     }
                 }
-                Timer::Handshake { .. } | Timer::ConnIdle { .. } => self.pool.on_timer(timer, now, &mut self.timers),
+                Timer::Handshake { .. } | Timer::ConnIdle { .. } | Timer::PipelineCheck { .. } => {
+                    self.pool.on_timer(timer, now, &mut self.timers)
+                }
                 Timer::ClientIdle { key, gen } => {
                     if let Some(Closed::StoppedReading(peer)) =
                         self.clients.on_idle_timer(key, gen, now, &mut self.timers)

@@ -289,7 +289,7 @@ impl Proxy {
     pub(super) fn upstream_event(&mut self, key: usize, now: Instant) {
         self.pool.conn_event(key, &mut self.bufs.read, now, &mut self.timers);
         let mut frame = std::mem::take(&mut self.bufs.frame);
-        while let Some(answer) = self.pool.next_answer(key, &mut frame, now) {
+        while let Some(answer) = self.pool.next_answer(key, &mut frame, now, &mut self.timers) {
             match answer {
                 Answer::Live { id, query } => self.on_answer(key, id, query, &mut frame, now),
                 Answer::Late => self.stats.upstream_dropped.late += 1,

@@ -44,6 +44,19 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Upper bounds (seconds) of the upstream latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
 
+/// Connections per upstream in one-at-a-time mode: each carries one query
+/// at a time, so more of them are needed for the same load.
+pub const MAX_SERIAL_CONNS: usize = 16;
+/// How long one-at-a-time mode lasts before pipelining is tried again (a
+/// server can be upgraded).
+const REPROBE_PIPELINING: Duration = Duration::from_secs(600);
+/// Silence with queries outstanding after an answer, before a connection
+/// counts as not pipelining: at least this, at most a third of the
+/// timeout, otherwise twenty times the upstream's smoothed latency (a
+/// resolver recursing for a cache miss takes longer than one answering
+/// from its cache).
+const PIPELINE_CHECK_MIN: Duration = Duration::from_millis(400);
+
 /// Which names an upstream serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -75,6 +88,17 @@ impl Health {
     }
 }
 
+/// Whether an upstream's server handles several queries in flight on one
+/// connection (RFC 7766 §6.2.1.1 asks it to; some servers do not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipelining {
+    Yes,
+    /// Seen not to: one query per connection at a time, until `retry_at`.
+    No {
+        retry_at: Instant,
+    },
+}
+
 /// Counters of one upstream, for metrics.
 #[derive(Debug, Default, Clone)]
 pub struct UpstreamStats {
@@ -102,13 +126,22 @@ struct Upstream {
     health: Health,
     /// Connections that went silent since it last sent anything.
     stalls: u32,
+    pipelining: Pipelining,
     stats: UpstreamStats,
+}
+
+impl Upstream {
+    /// Whether its connections carry one query at a time now.
+    fn serial(&self, now: Instant) -> bool {
+        matches!(self.pipelining, Pipelining::No { retry_at } if retry_at > now)
+    }
 }
 
 /// A read-only view of one upstream, for metrics.
 pub struct UpstreamView<'a> {
     pub label: &'a str,
     pub up: bool,
+    pub pipelining: bool,
     pub connections: usize,
     pub inflight: usize,
     pub stats: &'a UpstreamStats,
@@ -290,20 +323,29 @@ impl Pool {
     /// has been marked down, or it is saturated).
     fn choose_conn(&mut self, u: usize, now: Instant, registry: &Registry, timers: &mut Timers) -> Option<usize> {
         let up = self.upstreams.get(u)?;
+        let serial = up.serial(now);
+        let usable = |k: usize, c: &UpstreamConn| {
+            c.accepts_queries() && c.live() < MAX_INFLIGHT_PER_CONN && !self.is_doomed(k) && c.is_serial() == serial
+        };
         let best = up
             .conns
             .iter()
             .filter_map(|&k| self.conns.get(k).map(|c| (k, c)))
-            .filter(|(k, c)| c.accepts_queries() && c.live() < MAX_INFLIGHT_PER_CONN && !self.is_doomed(*k))
+            .filter(|&(k, c)| usable(k, c))
             .min_by_key(|(_, c)| c.live())
-            .map(|(k, _)| k);
-        if best.is_some() {
-            return best;
+            .map(|(k, c)| (k, c.live()));
+        let cap = if serial {
+            MAX_SERIAL_CONNS
+        } else {
+            MAX_CONNS_PER_UPSTREAM
+        };
+        match best {
+            // One at a time: a free connection, else a new one while under
+            // the cap, else wait in the least loaded one's queue.
+            Some((k, live)) if !serial || live == 0 || up.conns.len() >= cap => Some(k),
+            _ if up.conns.len() >= cap => None,
+            _ => self.open(u, now, registry, timers),
         }
-        if up.conns.len() >= MAX_CONNS_PER_UPSTREAM {
-            return None;
-        }
-        self.open(u, now, registry, timers)
     }
 
     fn open(&mut self, u: usize, now: Instant, registry: &Registry, timers: &mut Timers) -> Option<usize> {
@@ -330,6 +372,12 @@ impl Pool {
         if let Err(e) = registry.register(conn.source(), Source::Upstream(key).token(), interest) {
             self.upstream_failed(u, &CloseReason::Connect(e), now);
             return None;
+        }
+        if up.serial(now) {
+            conn.set_serial();
+        } else if matches!(up.pipelining, Pipelining::No { .. }) {
+            up.pipelining = Pipelining::Yes;
+            info!("upstream {}: trying pipelining again", up.cfg);
         }
         entry.insert(conn);
         up.conns.push(key);
@@ -414,13 +462,33 @@ impl Pool {
     /// The next whole message read on connection `key`, into `frame`.
     /// `None` when there is none; then a connection that has drained is
     /// marked for closing and one with output is put on the flush list.
-    pub fn next_answer(&mut self, key: usize, frame: &mut Vec<u8>, now: Instant) -> Option<Answer> {
+    pub fn next_answer(
+        &mut self,
+        key: usize,
+        frame: &mut Vec<u8>,
+        now: Instant,
+        timers: &mut Timers,
+    ) -> Option<Answer> {
         let conn = self.conns.get_mut(key)?;
         match conn.next_answer(frame, now) {
             Some(Ok(answer)) => {
                 // Any message, a late one too, shows the server alive.
                 if let Some(up) = self.upstreams.get_mut(conn.upstream()) {
                     up.stalls = 0;
+                    // It answered the oldest query and others remain: if
+                    // it now falls silent, it may not pipeline.
+                    if let Some(since) = conn.suspect() {
+                        if conn.arm_check() {
+                            let at = since + pipeline_check(up.srtt, self.timeout);
+                            timers.add(
+                                at,
+                                Timer::PipelineCheck {
+                                    conn: key,
+                                    gen: conn.gen(),
+                                },
+                            );
+                        }
+                    }
                 }
                 return Some(answer);
             }
@@ -498,6 +566,7 @@ impl Pool {
     /// A connection timer fired.
     pub fn on_timer(&mut self, timer: Timer, now: Instant, timers: &mut Timers) {
         match timer {
+            Timer::PipelineCheck { conn, gen } => self.check_pipelining(conn, gen, now, timers),
             Timer::Handshake { conn, gen }
                 if self.conns.get(conn).is_some_and(|c| c.gen() == gen && !c.was_ready()) =>
             {
@@ -521,6 +590,47 @@ impl Pool {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A connection that answered while others were outstanding: still
+    /// silent since, with queries outstanding, for the check period? Then
+    /// its server does not pipeline (it handles one query at a time and
+    /// dropped the rest): the connection is closed, its queries re-sent
+    /// at once (in time for their clients), and the upstream used one
+    /// query per connection until pipelining is tried again.
+    fn check_pipelining(&mut self, key: usize, gen: u32, now: Instant, timers: &mut Timers) {
+        let Some(c) = self.conns.get_mut(key).filter(|c| c.gen() == gen) else {
+            return;
+        };
+        c.check_fired();
+        let Some(up) = self.upstreams.get_mut(c.upstream()) else {
+            return;
+        };
+        let Some(since) = c.suspect().filter(|_| c.outstanding() > 0) else {
+            return;
+        };
+        match since + pipeline_check(up.srtt, self.timeout) {
+            due if due > now => {
+                if c.arm_check() {
+                    timers.add(due, Timer::PipelineCheck { conn: key, gen });
+                }
+            }
+            _ => {
+                if !up.serial(now) {
+                    warn!(
+                        "upstream {}: answered one query and fell silent with {} outstanding: it does not pipeline; \
+                         sending one query per connection for {} s",
+                        up.cfg,
+                        c.outstanding(),
+                        REPROBE_PIPELINING.as_secs()
+                    );
+                }
+                up.pipelining = Pipelining::No {
+                    retry_at: now + REPROBE_PIPELINING,
+                };
+                self.doomed.push((key, CloseReason::NotPipelining));
+            }
         }
     }
 
@@ -632,6 +742,7 @@ impl Pool {
         self.upstreams.iter().map(move |(_, u)| UpstreamView {
             label: &u.label,
             up: u.health == Health::Up && u.health.usable(now),
+            pipelining: !u.serial(now),
             connections: u.conns.len(),
             inflight: self.inflight(u),
             stats: &u.stats,
@@ -727,6 +838,13 @@ fn warn_exhausted(reason: &CloseReason) {
     debug!("upstream connect: {reason} (local resources exhausted; not an upstream failure)");
 }
 
+/// The silence after an answer, with queries outstanding, that marks a
+/// server that does not pipeline.
+fn pipeline_check(srtt: Option<f64>, timeout: Duration) -> Duration {
+    let adaptive = Duration::from_secs_f64(srtt.unwrap_or(0.0).max(0.0) * 20.0);
+    adaptive.max(PIPELINE_CHECK_MIN).min(timeout / 3)
+}
+
 /// Capped exponential back-off for the `failures`-th failure in a row, up
 /// to a quarter less by `jitter` in [0, 1), so upstreams that failed
 /// together do not come back in lockstep.
@@ -792,6 +910,7 @@ fn build(cfg: &Config) -> Result<(Vec<Upstream>, Vec<Vec<u8>>), String> {
             conns: Vec::new(),
             health: Health::Up,
             stalls: 0,
+            pipelining: Pipelining::Yes,
             stats: UpstreamStats::default(),
         });
     }
