@@ -218,9 +218,12 @@ impl Proxy {
         let client_len = msg.len();
         // Rewritten once, re-sent as is: padding hides the query's size on
         // the wire, keepalive asks for the server's idle timeout.
-        let msg = if self.settings.padding > 0 {
+        // With padding off the query goes as the client sent it, but for
+        // a client subnet option, which is never forwarded.
+        let padding = self.settings.padding;
+        let msg = if padding > 0 || query.client_subnet {
             let mut padded = self.bufs.take();
-            pad_query(&mut padded, &msg, &query, self.settings.padding, true);
+            pad_query(&mut padded, &msg, &query, padding, padding > 0);
             self.bufs.put(msg);
             padded
         } else {
