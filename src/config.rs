@@ -298,7 +298,7 @@ pub const DEFAULT_ALLOW: [&str; 8] = [
 
 impl Cidr {
     pub fn parse(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("--allow {s:?}: expected an address or a prefix such as 192.0.2.0/24");
+        let bad = || format!("{s:?}: expected an address or a prefix such as 192.0.2.0/24");
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
             None => (s, None),
@@ -515,7 +515,7 @@ fn limits(p: &mut pico_args::Arguments) -> Result<Limits, Exit> {
         limits.per_address.exempt = exempt
             .iter()
             .filter(|s| s.as_str() != "none")
-            .map(|s| Cidr::parse(s).map_err(Exit::Usage))
+            .map(|s| Cidr::parse(s).map_err(|e| Exit::Usage(format!("--per-ip-exempt {e}"))))
             .collect::<Result<_, _>>()?;
     }
     Ok(limits)
@@ -613,7 +613,9 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         ca_file,
         timeout,
         log_level,
-        allow: each(allow, &DEFAULT_ALLOW, |s| Cidr::parse(s).map_err(Exit::Usage))?,
+        allow: each(allow, &DEFAULT_ALLOW, |s| {
+            Cidr::parse(s).map_err(|e| Exit::Usage(format!("--allow {e}")))
+        })?,
         metrics: metrics.map(|s| socket_addr("--metrics", &s)).transpose()?,
         padding,
         limits,
