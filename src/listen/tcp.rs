@@ -118,6 +118,8 @@ pub struct Clients {
 /// A client closed for what it did, for the loop to log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closed {
+    /// It completed no query and had nothing pending for the idle time.
+    Idle,
     /// Its pending answers made no progress for the idle time.
     StoppedReading(SocketAddr),
 }
@@ -377,7 +379,7 @@ impl Clients {
             IdleCheck::Idle => {
                 debug!("tcp client {} idle; closing", c.peer());
                 self.doom(key);
-                None
+                Some(Closed::Idle)
             }
             IdleCheck::StoppedReading => {
                 let peer = c.peer();

@@ -324,15 +324,15 @@ impl Proxy {
                 Timer::Handshake { .. } | Timer::ConnIdle { .. } | Timer::PipelineCheck { .. } => {
                     self.pool.on_timer(timer, now, &mut self.timers)
                 }
-                Timer::ClientIdle { key, gen } => {
-                    if let Some(Closed::StoppedReading(peer)) =
-                        self.clients.on_idle_timer(key, gen, now, &mut self.timers)
-                    {
+                Timer::ClientIdle { key, gen } => match self.clients.on_idle_timer(key, gen, now, &mut self.timers) {
+                    Some(Closed::StoppedReading(peer)) => {
                         self.stats.tcp_closed.stopped_reading += 1;
                         let what = format_args!("tcp client {peer} closed: stopped reading its answers");
                         self.notices.warn(Notice::SlowReader, now, what);
                     }
-                }
+                    Some(Closed::Idle) => self.stats.tcp_closed.idle += 1,
+                    None => {}
+                },
                 Timer::Http { key, gen } => self.http.on_timer(key, gen),
                 Timer::AcceptRetry { listener } => {
                     self.listeners.retry_fired(listener);
