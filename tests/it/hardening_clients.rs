@@ -394,7 +394,6 @@ fn backlog_over_512_kib_closes_the_client() {
 /// too slow counts 1 in `reason="too_slow"`, however many answers for it
 /// arrive in the same turn of the loop.
 #[test]
-#[ignore = "bug: Clients::deliver takes answers for a client already doomed as too slow, and counts each again"]
 fn a_too_slow_close_counts_once() {
     let (s, fds) = Setup::observed(Script::default(), 2000, &["--cache-size", "1000"]);
     let flen = warm_txt200(&s);
@@ -496,8 +495,6 @@ fn past_16_mib_in_total_the_largest_backlog_is_closed() {
 /// KiB waiting each (~26 MB asked of the proxy): what the survivors have
 /// waiting stays under 16 MiB.
 #[test]
-#[ignore = "bug: Clients::shed_largest counts the victim's backlog out, and remove() (and flush) at reap count it out again: \
-            each shed lowers the total by one backlog too many, so the bound grows with every shed"]
 fn the_16_mib_bound_holds_after_many_sheds() {
     let (s, fds) = Setup::observed(Script::default(), 2000, &["--cache-size", "1000"]);
     let flen = warm_txt200(&s);
