@@ -72,52 +72,33 @@
 # disappears with them.
 set -euo pipefail
 
+HERE=$(dirname "$(readlink -f "$0")")
+ROOT=$(cd "$HERE/.." && pwd)
+# shellcheck source=scripts/lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+DIE_PREFIX="soak: "
+LOG_TIMES=1
+
 for a in "$@"; do
     case $a in
         --short) ARG_SHORT=1 ;;
         --no-actors) ARG_ACTORS=0 ;;
         --actors) ARG_ACTORS=1 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) echo "soak: error: unknown argument '$a' (see --help)" >&2; exit 2 ;;
+        *) die "unknown argument '$a' (see --help)" ;;
     esac
 done
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-# shellcheck source=scripts/lib/dot-certs.sh
-. "$ROOT/scripts/lib/dot-certs.sh"
-
-die() {
-    echo "soak: error: $*" >&2
-    exit 2
-}
-
 # ---------------------------------------------------------------- re-exec
-if [ "${SOAK_IN_NETNS:-}" != 1 ]; then
-    [ "$(id -u)" = 0 ] || die "run as root (needs unshare -n)"
-    for tool in unshare ip; do
-        command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found"
-    done
-    cmdline=""
-    for v in DOTPROXY SOAK_SECONDS SOAK_RESTART_EVERY SOAK_SAMPLE_EVERY SOAK_UDP_QPS \
-        SOAK_UDP_CLIENTS SOAK_TCP_QPS SOAK_TCP_CLIENTS SOAK_TIMEOUT SOAK_NAMES \
-        SOAK_UPSTREAM_KEEPALIVE SOAK_LOG_LEVEL SOAK_PROXY_ARGS SOAK_KEEP SOAK_OUT SOAK_SHORT \
-        SOAK_ACTORS SOAK_SLOWLORIS SOAK_SLOW_READ_KIBPS SOAK_SLOW_STALL_EVERY SOAK_NP_PERCENT \
-        SOAK_TCP_IDLE_MS SOAK_CACHE_SIZE SOAK_NP_BURST_QPS SOAK_TCP_WMEM_MAX; do
-        if [ -n "${!v:-}" ]; then cmdline+="$v=${!v} "; fi
-    done
-    cmdline+="$0"
-    for a in "$@"; do cmdline+=" $a"; done
-    export SOAK_CMDLINE=$cmdline
-    SOAK_T_START=$(date +%s)
-    export SOAK_T_START
-    exec unshare --net env SOAK_IN_NETNS=1 bash "$0" "$@"
-fi
+# as root, in a private network namespace with only loopback (up)
+netns_reexec SOAK DOTPROXY SOAK_SECONDS SOAK_RESTART_EVERY SOAK_SAMPLE_EVERY SOAK_UDP_QPS \
+    SOAK_UDP_CLIENTS SOAK_TCP_QPS SOAK_TCP_CLIENTS SOAK_TIMEOUT SOAK_NAMES \
+    SOAK_UPSTREAM_KEEPALIVE SOAK_LOG_LEVEL SOAK_PROXY_ARGS SOAK_KEEP SOAK_OUT SOAK_SHORT \
+    SOAK_ACTORS SOAK_SLOWLORIS SOAK_SLOW_READ_KIBPS SOAK_SLOW_STALL_EVERY SOAK_NP_PERCENT \
+    SOAK_TCP_IDLE_MS SOAK_CACHE_SIZE SOAK_NP_BURST_QPS SOAK_TCP_WMEM_MAX -- "$@"
 
 # ---------------------------------------------------------------- settings
 cd "$ROOT"
-DOTPROXY=${DOTPROXY:-target/release/dotproxy}
-case $DOTPROXY in /*) ;; *) DOTPROXY=$ROOT/$DOTPROXY ;; esac
 SHORT=${ARG_SHORT:-${SOAK_SHORT:-0}}
 if [ "$SHORT" = 1 ]; then SECS=${SOAK_SECONDS:-150}; else SECS=${SOAK_SECONDS:-600}; fi
 EVERY=${SOAK_RESTART_EVERY:-30}
@@ -132,7 +113,7 @@ LOG_LEVEL=${SOAK_LOG_LEVEL:-info}
 KEEPALIVE=${SOAK_UPSTREAM_KEEPALIVE:-yes}
 case $KEEPALIVE in yes | no) ;; *) die "SOAK_UPSTREAM_KEEPALIVE must be yes or no" ;; esac
 OUT=${SOAK_OUT:-$HERE/results}
-case $OUT in /*) ;; *) OUT=$ROOT/$OUT ;; esac
+abs_path OUT
 ACTORS=${ARG_ACTORS:-${SOAK_ACTORS:-1}}
 case $ACTORS in 1 | 0) ;; *) die "SOAK_ACTORS must be 1 or 0" ;; esac
 SLOWLORIS=${SOAK_SLOWLORIS:-50}
@@ -165,17 +146,11 @@ LIB=$HERE/soaklib.py
 
 tools=(unbound unbound-checkconf dnsperf openssl python3 ss ps curl)
 [ "$ACTORS" = 1 ] && tools+=(dnsdist)
-for tool in "${tools[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found"
-done
+require_tools "${tools[@]}"
 # the interpreter itself, not a version-manager shim (probes run in loops)
 PY=$(python3 -c 'import sys; print(sys.executable)')
-[ -x "$DOTPROXY" ] || die "$DOTPROXY is not an executable (cargo build --release, or set DOTPROXY)"
+dotproxy_under_test
 
-# only loopback in here, and it must be up
-ip link set lo up
-nlinks=$(ip -o link show | wc -l)
-[ "$nlinks" = 1 ] || die "expected only loopback in the private namespace, found $nlinks links"
 TCP_WMEM=$(sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ')
 if [ "$ACTORS" = 1 ] && [ "$WMEM_MAX" != 0 ]; then
     # this namespace's own setting (per network namespace since Linux 4.15)
@@ -185,79 +160,28 @@ fi
 
 WORK=$(mktemp -d /tmp/dotproxy-soak.XXXXXX)
 mkdir -p "$OUT" "$WORK/certs" "$WORK/generated"
-# run a private copy: other people may rebuild target/release during the run
-DOTPROXY_SRC=$DOTPROXY
-DOTPROXY=$WORK/dotproxy
-cp "$DOTPROXY_SRC" "$DOTPROXY"
+private_dotproxy "$WORK"
 
-log() { printf '==> [%s] %s\n' "$(date +%T)" "$*"; }
-
-# processes started here, by PID. Each is a child of this shell; a PID is
-# only signalled while its parent is still this shell (guards against reuse).
-PROCS=()
+# processes started here are tracked by PID (common.sh: each is a child of
+# this shell, and only signalled while it still is, which guards against
+# PID reuse)
 UP_PID=
 KEEP=${SOAK_KEEP:-0}
-MAIN_PID=$$
 
-is_running() {
-    local st
-    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    case $st in Z*) return 1 ;; *) return 0 ;; esac
-}
-
-# is_ours PID: running and a child of this shell
-is_ours() {
-    is_running "$1" || return 1
-    [ "$(ps -o ppid= -p "$1" 2>/dev/null | tr -d ' ')" = "$MAIN_PID" ]
-}
-
-track() { PROCS+=("$1"); }
-
-untrack() {
-    local -a keep=()
-    local p
-    for p in "${PROCS[@]}"; do
-        [ "$p" = "$1" ] || keep+=("$p")
-    done
-    PROCS=("${keep[@]}")
-}
-
-# stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL
-stop_pid() {
-    local pid=$1 secs=${2:-3} i
-    is_ours "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < secs * 10; i++)); do
-        is_running "$pid" || return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? e
-    trap - EXIT INT TERM
-    for e in "${PROCS[@]}"; do stop_pid "$e" 5; done
-    for e in "${PROCS[@]}"; do wait "$e" 2>/dev/null || true; done
-    if [ "$KEEP" = 1 ] || [ "$rc" -ne 0 ]; then
+soak_exit() {
+    if [ "$KEEP" = 1 ] || [ "$EXIT_RC" -ne 0 ]; then
         echo "soak: work directory kept: $WORK (logs, dnsperf output, timelines)"
     else
         rm -rf "$WORK"
     fi
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-now_ms() { local t=${EPOCHREALTIME/./}; echo $((t / 1000)); }
+at_exit stop_tracked 5
+at_exit soak_exit
 
 # ---------------------------------------------------------------- certs, zone
 log "work directory $WORK"
-make_dot_certs "$WORK/certs" "dotproxy soak CA" >"$WORK/openssl.log" 2>&1 || {
-    cat "$WORK/openssl.log" >&2
-    die "certificate generation failed"
-}
+run_or_die "$WORK/openssl.log" "certificate generation failed" \
+    make_dot_certs "$WORK/certs" "dotproxy soak CA"
 if [ "$ACTORS" = 1 ]; then
     # honest records with TTL 0: the cache (for the slow reader) keeps none of them
     "$PY" "$LIB" zone "$WORK/generated" "$NAMES" 0 "$NP_HOSTS" "$NP_PERCENT" "$BIG_NAMES" "$BIG_BYTES"
@@ -267,53 +191,12 @@ fi | sed 's/^/    /'
 QUERIES=$WORK/generated/queries.txt
 QUERY_LINES=$(wc -l <"$QUERIES")
 
-cat >"$WORK/upstream.conf" <<EOF
-# DoT upstream for benchmarks/soak.sh: one thread, local data only, never recurses.
-server:
-    username: ""
-    chroot: ""
-    directory: ""
-    pidfile: ""
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    log-queries: no
-    num-threads: 1
-    interface: 127.0.0.1@$PLAIN_PORT
-    interface: 127.0.0.1@$DOT_PORT
-    port: $PLAIN_PORT
-    tls-port: $DOT_PORT
-    tls-service-key: "certs/server.key"
-    tls-service-pem: "certs/server-chain.pem"
-    do-ip4: yes
-    do-ip6: no
-    do-udp: yes
-    do-tcp: yes
-    incoming-num-tcp: 200
-    tcp-idle-timeout: 30000
-    edns-tcp-keepalive: $KEEPALIVE
-    edns-tcp-keepalive-timeout: 30000
-    ratelimit: 0
-    ip-ratelimit: 0
-    access-control: 127.0.0.0/8 allow
-    max-udp-size: 1232
-    edns-buffer-size: 1232
-    module-config: "iterator"
-    outgoing-range: 16
-    outgoing-num-tcp: 0
-    do-not-query-localhost: yes
-    local-zone: "." static
-    include: "generated/soak.test.conf"
-    statistics-interval: 0
-remote-control:
-    control-enable: no
-EOF
-(cd "$WORK" && unbound-checkconf upstream.conf) >"$WORK/checkconf.log" 2>&1 ||
-    { cat "$WORK/checkconf.log" >&2; die "unbound-checkconf rejected upstream.conf"; }
+unbound_conf --comment "DoT upstream for benchmarks/soak.sh: one thread, local data only, never recurses." \
+    --plain "$PLAIN_PORT" --dot "$DOT_PORT" certs/server.key certs/server-chain.pem \
+    --include generated/soak.test.conf --set "edns-tcp-keepalive: $KEEPALIVE" >"$WORK/upstream.conf"
+unbound_checkconf upstream.conf "$WORK"
 
 # ---------------------------------------------------------------- upstream
-tcp_listening() { [ -n "$(ss -Hltn "( sport = :$1 )" 2>/dev/null)" ]; }
-
 start_upstream() {
     echo "----- soak: start at $(date +%T.%N | cut -c1-12)" >>"$WORK/upstream.log"
     (cd "$WORK" && exec unbound -d -c upstream.conf) >>"$WORK/upstream.log" 2>&1 &
@@ -322,16 +205,11 @@ start_upstream() {
 }
 
 # wait_upstream SECONDS: answers on the plain port and listens on the DoT port
+upstream_ready() {
+    tcp_listening "$DOT_PORT" && "$PY" "$LIB" probe "$PLAIN_PORT" n001.soak.test udp
+}
 wait_upstream() {
-    local deadline=$(($(now_ms) + $1 * 1000))
-    while [ "$(now_ms)" -lt "$deadline" ]; do
-        is_running "$UP_PID" || return 1
-        if tcp_listening "$DOT_PORT" && "$PY" "$LIB" probe "$PLAIN_PORT" n001.soak.test udp; then
-            return 0
-        fi
-        sleep 0.02
-    done
-    return 1
+    wait_until "$UP_PID" "$1" 0.02 upstream_ready
 }
 
 RESTART_CSV=$WORK/restarts.csv
@@ -369,13 +247,17 @@ restart_upstream() {
         "$k" "$t_rel" $((t_closed - t_stop)) $((t_ready - t_stop)) "$rc" "${note:+; $note}"
 }
 
-log "starting the upstream (unbound $(unbound -V | sed -n 's/^Version //p'); DoT :$DOT_PORT, plain :$PLAIN_PORT)"
+log "starting the upstream (unbound $(unbound_version); DoT :$DOT_PORT, plain :$PLAIN_PORT)"
 start_upstream
 wait_upstream 15 || { cat "$WORK/upstream.log" >&2; die "upstream did not start"; }
 
 # the upstream that does not pipeline: dnsdist's DoT frontend with its
 # defaults (one query of a connection at a time), in front of unbound's plain port
 NP_PID=
+dnsdist_version() { dnsdist --version 2>/dev/null | head -n 1 | cut -d' ' -f1-2; }
+np_ready() {
+    tcp_listening "$NP_DOT_PORT" && "$PY" "$LIB" probe "$NP_PLAIN_PORT" p000.np.soak.test udp
+}
 if [ "$ACTORS" = 1 ]; then
     cat >"$WORK/dnsdist.conf" <<EOF
 -- the upstream that does not pipeline, for benchmarks/soak.sh: loopback only
@@ -386,18 +268,13 @@ setACL({"127.0.0.0/8"})
 setSecurityPollSuffix("")
 newServer({address = "127.0.0.1:$PLAIN_PORT", checkName = "p000.np.soak.test.", checkInterval = 1})
 EOF
-    log "starting the upstream that does not pipeline ($(dnsdist --version 2>/dev/null | head -n 1 | cut -d' ' -f1-2); DoT :$NP_DOT_PORT, plain :$NP_PLAIN_PORT)"
+    log "starting the upstream that does not pipeline ($(dnsdist_version); DoT :$NP_DOT_PORT, plain :$NP_PLAIN_PORT)"
     (cd "$WORK" && exec dnsdist --supervised --disable-syslog -C dnsdist.conf) >"$WORK/dnsdist.log" 2>&1 &
     NP_PID=$!
     track "$NP_PID"
-    for ((i = 0; i < 60; i++)); do
-        is_running "$NP_PID" || break
-        if tcp_listening "$NP_DOT_PORT" && "$PY" "$LIB" probe "$NP_PLAIN_PORT" p000.np.soak.test udp; then
-            break
-        fi
-        sleep 0.25
-    done
-    tcp_listening "$NP_DOT_PORT" || { cat "$WORK/dnsdist.log" >&2; die "dnsdist did not start"; }
+    # up to 15 s for it to answer; listening on the DoT port is what it must
+    wait_until "$NP_PID" 15 0.25 np_ready || tcp_listening "$NP_DOT_PORT" ||
+        { cat "$WORK/dnsdist.log" >&2; die "dnsdist did not start"; }
 fi
 
 # ---------------------------------------------------------------- proxy
@@ -415,18 +292,12 @@ log "starting the proxy: ${PROXY_CMD[*]#"$WORK/"}"
 (cd "$WORK" && exec "${PROXY_CMD[@]}") >"$WORK/proxy.log" 2>&1 &
 PROXY_PID=$!
 track "$PROXY_PID"
-ready=0
-for ((i = 0; i < 60; i++)); do
-    is_running "$PROXY_PID" || break
-    if "$PY" "$LIB" probe "$PROXY_PORT" n001.soak.test udp &&
-        "$PY" "$LIB" probe "$PROXY_PORT" n001.soak.test tcp &&
-        { [ "$ACTORS" = 0 ] || "$PY" "$LIB" probe "$PROXY_PORT" p000.np.soak.test udp; }; then
-        ready=1
-        break
-    fi
-    sleep 0.25
-done
-[ "$ready" = 1 ] || { cat "$WORK/proxy.log" >&2; die "the proxy did not answer within 15 s"; }
+proxy_ready() {
+    "$PY" "$LIB" probe "$PROXY_PORT" n001.soak.test udp tcp &&
+        { [ "$ACTORS" = 0 ] || "$PY" "$LIB" probe "$PROXY_PORT" p000.np.soak.test udp; }
+}
+wait_until "$PROXY_PID" 15 0.25 proxy_ready ||
+    { cat "$WORK/proxy.log" >&2; die "the proxy did not answer within 15 s"; }
 
 # ---------------------------------------------------------------- load
 n_restarts=$(((SECS - 1) / EVERY))
@@ -438,8 +309,7 @@ if [ "$ACTORS" = 1 ]; then
         "tcp_wmem $TCP_WMEM"
 fi
 LOAD_AVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
-read -r -a st0 <<<"$(sed 's/^.*) //' "/proc/$PROXY_PID/stat")"
-CPU0=$((st0[11] + st0[12]))
+CPU0=$(cpu_ticks "$PROXY_PID")
 
 T0=$EPOCHREALTIME
 T0_MS=$(now_ms)
@@ -528,8 +398,7 @@ sleep 2
     echo "soak: the proxy is gone before the final sample" >&2
 curl -s --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" >"$WORK/metrics-end.txt" || true
 LOAD_AVG_END=$(cut -d' ' -f1-3 /proc/loadavg)
-read -r -a st1 <<<"$(sed 's/^.*) //' "/proc/$PROXY_PID/stat" 2>/dev/null || echo)"
-CPU1=$((${st1[11]:-0} + ${st1[12]:-0}))
+CPU1=$(cpu_ticks "$PROXY_PID")
 PROXY_CPU_S=$(awk -v t=$((CPU1 - CPU0)) -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t / hz}')
 
 proxy_exit=gone
@@ -556,18 +425,15 @@ if [ -n "$NP_PID" ]; then
 fi
 
 # ---------------------------------------------------------------- report
-git_rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')
-git_dirty=$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null || true)
-[ -n "$git_dirty" ] && git_dirty=" (with uncommitted changes in src/ or Cargo.*)"
 export SOAKR_DATE SOAKR_VERSIONS SOAKR_WALL SOAKR_PROXY_CMD SOAKR_PROXY_EXIT
 SOAKR_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
-SOAKR_WALL=$(($(date +%s) - ${SOAK_T_START:-$(date +%s)}))
+SOAKR_WALL=$(($(date +%s) - ${SOAK_T0:-$(date +%s)}))
 SOAKR_PROXY_CMD="dotproxy ${PROXY_CMD[*]:1}"
 SOAKR_PROXY_EXIT=$proxy_exit
 SOAKR_VERSIONS=$(
-    echo "$("$DOTPROXY" --version 2>/dev/null | head -n 1), git $git_rev$git_dirty, binary \`${DOTPROXY_SRC#"$ROOT"/}\` $(stat -c %s "$DOTPROXY") bytes, sha256 $(sha256sum "$DOTPROXY" | cut -c1-12)…"
-    echo "unbound $(unbound -V 2>/dev/null | sed -n 's/^Version //p'),${NP_PID:+ $(dnsdist --version 2>/dev/null | head -n 1 | cut -d' ' -f1-2),} dnsperf $(dnsperf -h 2>&1 | sed -n 's/^Version //p' | head -n 1), $(openssl version)"
-    echo "$(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), kernel $(uname -r); shared with other work: load average at start / end of the load $LOAD_AVG_START / $LOAD_AVG_END"
+    echo "$("$DOTPROXY" --version 2>/dev/null | head -n 1), git $(git_state), binary \`${DOTPROXY_SRC#"$ROOT"/}\` $(stat -c %s "$DOTPROXY") bytes, sha256 $(sha256sum "$DOTPROXY" | cut -c1-12)…"
+    echo "unbound $(unbound_version),${NP_PID:+ $(dnsdist_version),} dnsperf $(dnsperf_version), $(openssl version)"
+    echo "$(nproc) CPUs ($(cpu_model)), kernel $(uname -r); shared with other work: load average at start / end of the load $LOAD_AVG_START / $LOAD_AVG_END"
     echo "proxy CPU time during the load: $PROXY_CPU_S s (utime + stime) over ${T_END_S} s"
 )
 "$PY" - "$WORK/report-env.json" <<EOF
