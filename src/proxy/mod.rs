@@ -314,6 +314,16 @@ impl Proxy {
     }
 
     fn expire(&mut self, now: Instant) {
+        // Per-query timers of answered queries are dead weight: drop them
+        // once they outnumber what is alive (see Timers::retain).
+        let alive = self.queries.len() + self.clients.len() + self.pool.connections();
+        if self.timers.len() > 2 * alive + 4096 {
+            let queries = &self.queries;
+            self.timers.retain(|t| match t {
+                Timer::Deadline(q) => queries.get(*q).is_some(),
+                _ => true,
+            });
+        }
         while let Some(timer) = self.timers.pop_due(now) {
             match timer {
                 Timer::Deadline(q) => {
