@@ -594,24 +594,30 @@ fn key(info: &Query) -> Vec<u8> {
 }
 
 /// `Query::key_into`: equal for the same question asked by another client
-/// in other letter case, different when type, class, DO, CD or the
+/// in other letter case, different when type, class, RD, DO, CD or the
 /// presence of EDNS differ; it starts with the canonical name.
 fn check_key(msg: &[u8], info: &Query) {
     let k = key(info);
     assert!(k.starts_with(info.name().as_bytes()), "key {k:02x?}");
-    let t = twin(msg, info);
+    let mut t = twin(msg, info);
+    // The twin flips RD too; RD is part of the key (an RD=0 answer comes
+    // from the resolver's cache only), so flip it back here.
+    t[2] ^= RD;
     let ti = wire::query::parse_query(&t, usize::MAX)
         .unwrap_or_else(|r| panic!("twin {t:02x?} of {msg:02x?} refused: {r:?}"));
     assert_eq!(ti.name(), info.name());
     assert_eq!(
         (ti.id, ti.recursion_desired),
-        (info.id ^ 0xa55a, !info.recursion_desired)
+        (info.id ^ 0xa55a, info.recursion_desired)
     );
     assert_eq!(key(&ti), k, "key of the twin {t:02x?} of {msg:02x?}");
     let qt = info.question_end - 4;
     let mut variants: Vec<Vec<u8>> = Vec::new();
     let mut v = msg.to_vec();
     v[3] ^= CD;
+    variants.push(v);
+    let mut v = msg.to_vec();
+    v[2] ^= RD;
     variants.push(v);
     let mut v = msg.to_vec();
     v[qt + 1] ^= 1; // another type
@@ -699,12 +705,14 @@ fn check_padded(msg: &[u8], info: &Query, block: u16, keepalive: bool, out: &[u8
     if let Some((edns, _)) = old {
         assert_eq!((opt.edns, opt.ext_rcode), (edns, 0));
     }
-    // The client's options bar the hop-by-hop ones, then ours.
+    // The client's options bar the hop-by-hop ones and its client subnet
+    // (never forwarded), then ours.
+    let forwarded = |c: u16| !hop_by_hop(c) && c != wire::OPT_CLIENT_SUBNET;
     let mut want: Vec<(u16, Vec<u8>)> = match info.opt {
         Some(o) => reference_options(&msg[o.rdata..o.end])
             .unwrap_or_default()
             .into_iter()
-            .filter(|(c, _)| !hop_by_hop(*c))
+            .filter(|(c, _)| forwarded(*c))
             .collect(),
         None => Vec::new(),
     };
@@ -716,7 +724,7 @@ fn check_padded(msg: &[u8], info: &Query, block: u16, keepalive: bool, out: &[u8
             let mut at = 0;
             while let (Some(c), Some(l)) = (be16(rd, at), be16(rd, at + 2)) {
                 match rd.get(at + 4..at + 4 + usize::from(l)) {
-                    Some(d) if !hop_by_hop(c) => want.push((c, d.to_vec())),
+                    Some(d) if forwarded(c) => want.push((c, d.to_vec())),
                     Some(_) => {}
                     None => break,
                 }

@@ -53,11 +53,13 @@ OPTIONS:
       --max-inflight N            queries in flight in total (default 10000);
                                   beyond it new queries get REFUSED
       --max-inflight-per-ip N     queries in flight per client address (default
-                                  1000); beyond it REFUSED
-      --max-tcp-clients N         open TCP client connections (default 1024);
-                                  beyond it new connections are closed at once
+                                  5000); beyond it REFUSED
+      --max-tcp-clients N         open TCP client connections (default 1024, and
+                                  below the descriptor limit); at the limit the
+                                  connection idle longest is closed for a newcomer,
+                                  or the newcomer when none is idle
       --max-tcp-clients-per-ip N  open TCP client connections per client address
-                                  (default 64); beyond it closed at once
+                                  (default 64); at the limit likewise
       --max-tcp-queries N         queries one TCP client connection may send; after
                                   N they are answered and the connection closed
                                   (default 0 = no limit)
@@ -70,8 +72,14 @@ OPTIONS:
       --max-query-size BYTES      largest query accepted from a client (default 4096,
                                   512 to 65535); larger ones get FORMERR
       --tcp-idle-timeout MS        close a TCP client that completes no query and
-                                  has no answer pending for this long; also bounds
-                                  a slowly trickled query (default 10000)
+                                  has no answer pending for this long, or whose
+                                  pending answers make no progress for this long;
+                                  also bounds a slowly trickled query (default 10000)
+      --per-ip-exempt CIDR        addresses the per-address limits do not apply to
+                                  (only the totals do); repeatable; `none` for no
+                                  exemption (default 127.0.0.0/8 and ::1/128)
+      --per-ip-ipv6-prefix LEN    per-address limits count IPv6 clients by this
+                                  prefix (default 64, 16 to 128)
       --config FILE               read more options from FILE, one per line as
                                   `name value` (e.g. upstream 1.1.1.1#cloudflare-dns.com);
                                   SIGHUP re-reads it and applies upstreams, forwards,
@@ -162,6 +170,40 @@ pub struct Config {
 }
 
 /// The bounds on what clients can make the proxy hold.
+/// How per-address limits see client addresses: addresses in `exempt`
+/// (loopback by default: every local program is 127.0.0.1, so a limit per
+/// address would limit them all together) count only against the global
+/// limits; IPv6 addresses count by their `/v6_prefix` (one host or LAN
+/// holds a whole /64).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerAddress {
+    pub v6_prefix: u8,
+    pub exempt: Vec<Cidr>,
+}
+
+impl PerAddress {
+    /// The key `ip` is counted under, or `None` when it is exempt.
+    pub fn key(&self, ip: IpAddr) -> Option<IpAddr> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if self.exempt.iter().any(|c| c.contains(ip)) {
+            return None;
+        }
+        Some(match ip {
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.v6_prefix.min(128)))
+                    .unwrap_or(0);
+                IpAddr::V6((bits & mask).into())
+            }
+            v4 => v4,
+        })
+    }
+}
+
 impl Config {
     /// The options that differ in `new` but cannot change while running:
     /// sockets are bound once (and privileges may be gone by then), the
@@ -204,13 +246,15 @@ pub struct Limits {
     /// (0: no limit).
     pub max_upstream_conn_queries: u64,
     pub tcp_idle: Duration,
+    /// How the per-address limits group client addresses.
+    pub per_address: PerAddress,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_inflight: 10_000,
-            max_inflight_per_ip: 1000,
+            max_inflight_per_ip: 5000,
             max_tcp_clients: 1024,
             max_tcp_pipeline: 256,
             max_query_size: 4096,
@@ -218,9 +262,19 @@ impl Default for Limits {
             max_tcp_queries: 0,
             max_upstream_conn_queries: 0,
             tcp_idle: Duration::from_secs(10),
+            per_address: PerAddress {
+                v6_prefix: 64,
+                exempt: DEFAULT_PER_IP_EXEMPT
+                    .iter()
+                    .filter_map(|c| Cidr::parse(c).ok())
+                    .collect(),
+            },
         }
     }
 }
+
+/// Client addresses the per-address limits do not apply to, by default.
+pub const DEFAULT_PER_IP_EXEMPT: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 
 /// An address prefix of the access list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,7 +298,7 @@ pub const DEFAULT_ALLOW: [&str; 8] = [
 
 impl Cidr {
     pub fn parse(s: &str) -> Result<Cidr, String> {
-        let bad = || format!("--allow {s:?}: expected an address or a prefix such as 192.0.2.0/24");
+        let bad = || format!("{s:?}: expected an address or a prefix such as 192.0.2.0/24");
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
             None => (s, None),
@@ -319,6 +373,13 @@ impl Upstream {
             None => return Err(format!("upstream {spec:?} has no #NAME: the TLS authentication name is required (e.g. 1.1.1.1#cloudflare-dns.com), or a @pin=")),
         };
         let addr = parse_addr(addr, 853).map_err(|e| format!("upstream {spec:?}: {e}"))?;
+        if addr.port() == 53 {
+            // RFC 7858 §3.1: DNS over TLS must not use port 53, whatever
+            // authenticates the server.
+            return Err(format!(
+                "upstream {spec:?}: port 53 is plain DNS, not DNS over TLS (use 853)"
+            ));
+        }
         let Some(name) = name else {
             return Ok(Upstream {
                 addr,
@@ -327,12 +388,6 @@ impl Upstream {
                 ca_file,
             });
         };
-        if addr.port() == 53 {
-            // RFC 7858 §3.1: DNS over TLS must not use port 53.
-            return Err(format!(
-                "upstream {spec:?}: port 53 is plain DNS, not DNS over TLS (use 853)"
-            ));
-        }
         let name = ServerName::try_from(name.to_string())
             .ok()
             .filter(|n| matches!(n, ServerName::DnsName(_)))
@@ -452,6 +507,17 @@ fn limits(p: &mut pico_args::Arguments) -> Result<Limits, Exit> {
     if let Some(n) = number(p, "--tcp-idle-timeout", 100, 3_600_000)? {
         limits.tcp_idle = Duration::from_millis(n);
     }
+    if let Some(n) = number(p, "--per-ip-ipv6-prefix", 16, 128)? {
+        limits.per_address.v6_prefix = n as u8;
+    }
+    let exempt: Vec<String> = p.values_from_str("--per-ip-exempt").map_err(usage)?;
+    if !exempt.is_empty() {
+        limits.per_address.exempt = exempt
+            .iter()
+            .filter(|s| s.as_str() != "none")
+            .map(|s| Cidr::parse(s).map_err(|e| Exit::Usage(format!("--per-ip-exempt {e}"))))
+            .collect::<Result<_, _>>()?;
+    }
     Ok(limits)
 }
 
@@ -547,7 +613,9 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         ca_file,
         timeout,
         log_level,
-        allow: each(allow, &DEFAULT_ALLOW, |s| Cidr::parse(s).map_err(Exit::Usage))?,
+        allow: each(allow, &DEFAULT_ALLOW, |s| {
+            Cidr::parse(s).map_err(|e| Exit::Usage(format!("--allow {e}")))
+        })?,
         metrics: metrics.map(|s| socket_addr("--metrics", &s)).transpose()?,
         padding,
         limits,
@@ -584,6 +652,11 @@ mod tests {
         assert!(matches!(u.name, ServerName::IpAddress(_)));
         let u = Upstream::parse(&format!("127.0.0.1#dns.test@pin={pin}@pin-sha256={pin}")).unwrap();
         assert_eq!(u.pins.len(), 2);
+        // Port 53 is refused in every form, the pin-only one included.
+        let err = Upstream::parse(&format!("127.0.0.1:53@pin={pin}")).unwrap_err();
+        assert!(err.contains("port 53"), "{err}");
+        assert!(Upstream::parse(&format!("127.0.0.1:53#dns.test@pin={pin}")).is_err());
+        assert!(Upstream::parse("[::1]:53#dns.test").is_err());
         assert!(Upstream::parse("127.0.0.1#dns.test@pin=abc").is_err());
         assert!(Upstream::parse("127.0.0.1#dns.test@foo=abc").is_err());
         assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
@@ -636,6 +709,28 @@ mod tests {
         let allowed = |ip: &str| d.allow.iter().any(|c| c.contains(ip.parse().unwrap()));
         assert!(allowed("127.0.0.1") && allowed("192.168.1.1") && allowed("100.64.0.1") && allowed("fd00::1"));
         assert!(!allowed("8.8.8.8") && !allowed("2001:db8::1"));
+    }
+
+    #[test]
+    fn per_address_keys() {
+        let d = parse(args(&[])).unwrap().limits.per_address;
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(d.key(ip("127.0.0.1")), None);
+        assert_eq!(d.key(ip("::1")), None);
+        assert_eq!(d.key(ip("::ffff:127.0.0.5")), None);
+        assert_eq!(d.key(ip("10.1.2.3")), Some(ip("10.1.2.3")));
+        assert_eq!(d.key(ip("::ffff:10.1.2.3")), Some(ip("10.1.2.3")));
+        assert_eq!(d.key(ip("2001:db8:1:2:aaaa::1")), Some(ip("2001:db8:1:2::")));
+        let c = parse(args(&["--per-ip-exempt", "none", "--per-ip-ipv6-prefix", "128"])).unwrap();
+        let p = c.limits.per_address;
+        assert_eq!(p.key(ip("127.0.0.1")), Some(ip("127.0.0.1")));
+        assert_eq!(p.key(ip("2001:db8::1")), Some(ip("2001:db8::1")));
+        let c = parse(args(&["--per-ip-exempt", "10.0.0.0/8", "--per-ip-ipv6-prefix", "48"])).unwrap();
+        let p = c.limits.per_address;
+        assert_eq!(p.key(ip("10.9.9.9")), None);
+        assert_eq!(p.key(ip("127.0.0.1")), Some(ip("127.0.0.1")));
+        assert_eq!(p.key(ip("2001:db8:1:ffff::1")), Some(ip("2001:db8:1::")));
+        assert!(parse(args(&["--per-ip-ipv6-prefix", "8"])).is_err());
     }
 
     #[test]

@@ -78,6 +78,7 @@ pub fn respond(out: &mut Vec<u8>, status: &str, content_type: &str, body: &[u8],
 
 struct HttpConn {
     gen: u32,
+    opened: Instant,
     sock: TcpStream,
     inbuf: Vec<u8>,
     out: Vec<u8>,
@@ -130,7 +131,7 @@ pub struct HttpServer {
     listener: Option<TcpListener>,
     conns: Slab<HttpConn>,
     next_gen: u32,
-    doomed: Vec<usize>,
+    doomed: Vec<(usize, u32)>,
 }
 
 impl HttpServer {
@@ -162,7 +163,7 @@ impl HttpServer {
             let Some(listener) = &self.listener else { return };
             match listener.accept() {
                 Ok((sock, _)) => {
-                    if self.conns.len() >= MAX_CONNS {
+                    if self.conns.len() >= MAX_CONNS && !self.evict_oldest_incomplete(registry) {
                         continue;
                     }
                     self.next_gen = self.next_gen.wrapping_add(1);
@@ -171,6 +172,7 @@ impl HttpServer {
                     let key = entry.key();
                     let mut h = HttpConn {
                         gen,
+                        opened: now,
                         sock,
                         inbuf: Vec::new(),
                         out: Vec::new(),
@@ -198,20 +200,39 @@ impl HttpServer {
         }
     }
 
+    /// Full: the connection whose request has been incomplete longest
+    /// makes room, so idle sockets cannot starve the health probes. `false`
+    /// when every connection is writing its answer.
+    fn evict_oldest_incomplete(&mut self, registry: &Registry) -> bool {
+        let oldest = self
+            .conns
+            .iter()
+            .filter(|(_, h)| !h.answered)
+            .min_by_key(|(_, h)| h.opened)
+            .map(|(k, _)| k);
+        match oldest.and_then(|k| self.conns.try_remove(k)) {
+            Some(mut h) => {
+                let _ = registry.deregister(&mut h.sock);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Readiness on connection `key`: a request once it is complete and
     /// unanswered; the rest (writing, closing) is handled here.
     pub fn on_event(&mut self, key: usize) -> Option<Request> {
         let h = self.conns.get_mut(key)?;
         if h.answered {
             if h.flush() {
-                self.doomed.push(key);
+                self.doomed.push((key, h.gen));
             }
             return None;
         }
         let alive = h.read();
         let Some(route) = route(&h.inbuf) else {
             if !alive {
-                self.doomed.push(key);
+                self.doomed.push((key, h.gen));
             }
             return None;
         };
@@ -228,21 +249,23 @@ impl HttpServer {
         respond(&mut h.out, status, content_type, body, req.head_only);
         h.answered = true;
         if h.flush() {
-            self.doomed.push(req.key);
+            self.doomed.push((req.key, h.gen));
         }
     }
 
     /// A connection's deadline passed.
     pub fn on_timer(&mut self, key: usize, gen: u32) {
         if self.conns.get(key).is_some_and(|h| h.gen == gen) {
-            self.doomed.push(key);
+            self.doomed.push((key, gen));
         }
     }
 
     pub fn reap(&mut self, registry: &Registry) {
-        for key in std::mem::take(&mut self.doomed) {
-            if let Some(mut h) = self.conns.try_remove(key) {
-                let _ = registry.deregister(&mut h.sock);
+        for (key, gen) in std::mem::take(&mut self.doomed) {
+            if self.conns.get(key).is_some_and(|h| h.gen == gen) {
+                if let Some(mut h) = self.conns.try_remove(key) {
+                    let _ = registry.deregister(&mut h.sock);
+                }
             }
         }
     }

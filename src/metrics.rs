@@ -26,6 +26,8 @@ pub struct Stats {
     pub merged: u64,
     pub refused_busy: u64,
     pub tcp_refused: u64,
+    /// TCP clients closed by the proxy for what they did, by reason.
+    pub tcp_closed: TcpClosed,
     /// Answers sent to clients, by 4-bit RCODE.
     pub rcodes: [u64; 16],
 }
@@ -35,6 +37,19 @@ pub struct Dropped {
     pub malformed: u64,
     pub access_list: u64,
     pub udp_send_queue_full: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct TcpClosed {
+    /// No query completed and nothing pending for --tcp-idle-timeout (a
+    /// slow or abandoned query included).
+    pub idle: u64,
+    /// Idle, to admit a newcomer at a connection limit.
+    pub evicted: u64,
+    /// Pending answers made no progress for the idle time.
+    pub stopped_reading: u64,
+    /// Unread answers over the per-connection or total bound.
+    pub too_slow: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -162,8 +177,22 @@ fn client_side(e: &mut Exposition, s: &Stats) {
     e.sample(name, &[("reason", "invalid")], s.rejected);
     e.sample(name, &[("reason", "busy")], s.refused_busy);
     let name = "dotproxy_tcp_connections_refused_total";
-    e.header(name, "counter", "TCP client connections closed at once (limit).");
+    e.header(
+        name,
+        "counter",
+        "TCP client connections closed at once (limit, none idle).",
+    );
     e.sample(name, &[], s.tcp_refused);
+    let name = "dotproxy_tcp_connections_closed_total";
+    e.header(
+        name,
+        "counter",
+        "TCP client connections closed by the proxy, by reason.",
+    );
+    e.sample(name, &[("reason", "idle")], s.tcp_closed.idle);
+    e.sample(name, &[("reason", "evicted")], s.tcp_closed.evicted);
+    e.sample(name, &[("reason", "stopped_reading")], s.tcp_closed.stopped_reading);
+    e.sample(name, &[("reason", "too_slow")], s.tcp_closed.too_slow);
 }
 
 fn upstream_answers(e: &mut Exposition, s: &Stats) {
@@ -177,12 +206,18 @@ fn upstream_answers(e: &mut Exposition, s: &Stats) {
 
 fn upstreams(e: &mut Exposition, pool: &Pool, now: Instant) {
     type Get = fn(&crate::upstream::pool::UpstreamView<'_>) -> f64;
-    let per_upstream: [(&str, &str, &str, Get); 6] = [
+    let per_upstream: [(&str, &str, &str, Get); 7] = [
         (
             "dotproxy_upstream_up",
             "gauge",
             "1 unless the upstream is in back-off after a failure.",
             |u| f64::from(u8::from(u.up)),
+        ),
+        (
+            "dotproxy_upstream_pipelining",
+            "gauge",
+            "1 unless the upstream is sent one query per connection (seen not to pipeline).",
+            |u| f64::from(u8::from(u.pipelining)),
         ),
         (
             "dotproxy_upstream_connections",

@@ -50,12 +50,15 @@ pub struct Sent {
 pub struct Pending {
     gen: u32,
     origin: Origin,
-    /// The address its per-address count is kept under.
-    client: IpAddr,
+    /// The key its per-address count is kept under (`None`: exempt).
+    client: Option<IpAddr>,
     query: Query,
     /// The query as sent upstream (padded), with the client's ID: re-sent
     /// as is.
     msg: Vec<u8>,
+    /// The size of the query as the client sent it: what answers of our
+    /// own over UDP must not exceed.
+    client_len: usize,
     deadline: Instant,
     attempts: u8,
     sent: Option<Sent>,
@@ -77,6 +80,10 @@ impl Pending {
 
     pub fn msg(&self) -> &[u8] {
         &self.msg
+    }
+
+    pub fn client_len(&self) -> usize {
+        self.client_len
     }
 
     pub fn attempts(&self) -> u8 {
@@ -126,7 +133,11 @@ impl Pending {
 /// A query to admit.
 pub struct NewQuery {
     pub origin: Origin,
-    pub client: IpAddr,
+    /// The query's size as the client sent it (before padding).
+    pub client_len: usize,
+    /// The per-address key of its client (`config::PerAddress::key`);
+    /// `None` when exempt from the per-address limit.
+    pub client: Option<IpAddr>,
     pub query: Query,
     pub msg: Vec<u8>,
     /// The merge key, `None` when merging is off.
@@ -186,7 +197,10 @@ impl Queries {
     /// Over `max_inflight` or the client's per-address cap the query is
     /// busy and comes back (`Err`), to be answered REFUSED.
     pub fn admit(&mut self, new: NewQuery, deadline: Instant, timers: &mut Timers) -> Result<Admit, Box<NewQuery>> {
-        if self.slab.len() >= self.max_inflight || self.in_flight_from(new.client) >= self.max_per_client {
+        let over_per_client = new
+            .client
+            .is_some_and(|c| self.in_flight_from(c) >= self.max_per_client);
+        if self.slab.len() >= self.max_inflight || over_per_client {
             return Err(Box::new(new));
         }
         self.next_gen = self.next_gen.wrapping_add(1);
@@ -214,6 +228,7 @@ impl Queries {
             client,
             query: new.query,
             msg: new.msg,
+            client_len: new.client_len,
             deadline,
             attempts: 0,
             sent: None,
@@ -221,7 +236,9 @@ impl Queries {
             key,
             followers: Vec::new(),
         });
-        *self.per_client.entry(client).or_insert(0) += 1;
+        if let Some(c) = client {
+            *self.per_client.entry(c).or_insert(0) += 1;
+        }
         timers.add(deadline, Timer::Deadline(q));
         Ok(match leader {
             Some(l) => {
@@ -257,10 +274,12 @@ impl Queries {
                 self.leaders.remove(k);
             }
         }
-        if let Some(n) = self.per_client.get_mut(&p.client) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_client.remove(&p.client);
+        if let Some(c) = p.client {
+            if let Some(n) = self.per_client.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_client.remove(&c);
+                }
             }
         }
         Some(p)
@@ -293,11 +312,12 @@ mod tests {
             k.into_boxed_slice()
         });
         NewQuery {
+            client_len: msg.len(),
             origin: Origin::Udp {
                 listener: 0,
                 peer: SocketAddr::from((ip, 5353)),
             },
-            client: IpAddr::from(ip),
+            client: Some(IpAddr::from(ip)),
             query,
             msg,
             key,

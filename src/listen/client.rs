@@ -18,7 +18,7 @@ use crate::framing::FrameDecoder;
 /// sending faster than its answers come back.
 const MAX_BUFFERED_IN: usize = 64 * 1024 + 2;
 /// A client that does not read its answers loses its connection once this
-/// much output is waiting.
+/// much output is waiting (the kernel's send buffer holds more).
 pub const MAX_BUFFERED_OUT: usize = 512 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,9 @@ pub struct Client {
     /// Queries taken from this connection so far.
     queries: u64,
     last_active: Instant,
+    /// Since when output has been waiting without any of it being written:
+    /// a client that stops reading is closed after the idle time.
+    stalled_since: Option<Instant>,
     /// The client half-closed, or used its quota: answer what is in
     /// flight, then close.
     eof: bool,
@@ -104,6 +107,7 @@ impl Client {
             in_flight: 0,
             queries: 0,
             last_active: now,
+            stalled_since: None,
             eof: false,
             paused: false,
             dirty: false,
@@ -213,11 +217,21 @@ impl Client {
     /// Queue the answer to one query taken from this client (every query
     /// taken counts in flight until answered or dropped); `max_pipeline`
     /// tells whether the client was held at its cap.
-    pub fn deliver(&mut self, msg: &[u8], max_pipeline: u32) -> Delivered {
+    pub fn deliver(&mut self, msg: &[u8], max_pipeline: u32, now: Instant) -> Delivered {
         let held = self.in_flight >= max_pipeline || self.paused;
         self.in_flight = self.in_flight.saturating_sub(1);
-        if self.pending_out() > MAX_BUFFERED_OUT {
+        if self.pending_out() + 2 + msg.len() > MAX_BUFFERED_OUT {
             return Delivered::TooSlow;
+        }
+        // Written bytes leave the buffer once they are half of it: the
+        // buffer stays within twice what is pending, however long a slow
+        // reader keeps a backlog (amortised, each byte moves once).
+        if self.written > 0 && self.written * 2 >= self.out.len() {
+            self.out.drain(..self.written);
+            self.written = 0;
+        }
+        if self.pending_out() == 0 {
+            self.stalled_since = Some(now);
         }
         crate::framing::push_frame(&mut self.out, msg);
         Delivered::Queued { resume: held }
@@ -227,14 +241,22 @@ impl Client {
         self.out.len() - self.written
     }
 
-    /// Write what is queued until done or the socket is full.
-    pub fn flush(&mut self, now: Instant) -> io::Result<()> {
+    /// Write what is queued until done or the socket is full; returns the
+    /// bytes written.
+    pub fn flush(&mut self, now: Instant) -> io::Result<usize> {
+        let before = self.pending_out();
+        self.write_out(now)?;
+        Ok(before - self.pending_out())
+    }
+
+    fn write_out(&mut self, now: Instant) -> io::Result<()> {
         while self.written < self.out.len() {
             match self.sock.write(self.out.get(self.written..).unwrap_or_default()) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.written += n;
                     self.last_active = now;
+                    self.stalled_since = Some(now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -243,6 +265,7 @@ impl Client {
         }
         self.out.clear();
         self.written = 0;
+        self.stalled_since = None;
         if self.out.capacity() > 64 * 1024 {
             self.out = Vec::new();
         }
@@ -254,14 +277,40 @@ impl Client {
         self.eof && self.in_flight == 0 && self.pending_out() == 0
     }
 
-    /// The idle check for `now`: `None` when the client should close (it
-    /// completed no query and has nothing in flight or pending for the
-    /// idle time), else when to look again.
-    pub fn idle_check(&self, idle: Duration, now: Instant) -> Option<Instant> {
-        let due = self.last_active + idle;
-        if self.in_flight == 0 && self.pending_out() == 0 && due <= now {
-            return None;
+    /// The idle check for `now`: close when it completed no query and had
+    /// nothing in flight or pending for the idle time, or when its pending
+    /// output made no progress for the idle time (it stopped reading);
+    /// else when to look again.
+    pub fn idle_check(&self, idle: Duration, now: Instant) -> IdleCheck {
+        if let Some(since) = self.stalled_since.filter(|_| self.pending_out() > 0) {
+            if since + idle <= now {
+                return IdleCheck::StoppedReading;
+            }
+            return IdleCheck::Again((since + idle).max(now + Duration::from_millis(100)));
         }
-        Some(due.max(now + Duration::from_millis(100)))
+        let due = self.last_active + idle;
+        if self.in_flight == 0 && due <= now {
+            return IdleCheck::Idle;
+        }
+        IdleCheck::Again(due.max(now + Duration::from_millis(100)))
     }
+
+    /// Whether nothing is under way: no complete query in flight, no answer
+    /// pending (a partial frame does not count). Such a connection may be
+    /// evicted for a newcomer (RFC 7766 §6.2.3).
+    pub fn is_idle(&self) -> bool {
+        self.in_flight == 0 && self.pending_out() == 0
+    }
+
+    pub fn last_active(&self) -> Instant {
+        self.last_active
+    }
+}
+
+/// What the idle timer found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleCheck {
+    Again(Instant),
+    Idle,
+    StoppedReading,
 }

@@ -72,3 +72,34 @@ pub fn bind_pair(addr: SocketAddr, reuseport: bool) -> io::Result<(UdpSocket, Tc
     }
     Err(last.unwrap_or_else(|| io::ErrorKind::AddrInUse.into()))
 }
+
+/// Raise the soft limit on open descriptors to the hard limit (containers
+/// often start at 1024 soft, much more hard); returns the soft limit in
+/// force afterwards.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid resource and a pointer to a live rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above; failure leaves the old limit in force.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// TCP clients that fit under `nofile` descriptors once `reserved` are
+/// kept for everything else (listeners, upstream connections, metrics).
+pub fn clients_under(nofile: u64, reserved: u64) -> usize {
+    usize::try_from(nofile.saturating_sub(reserved).max(1)).unwrap_or(usize::MAX)
+}

@@ -16,7 +16,8 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 use slab::Slab;
 
-use super::client::{Client, ClientLimits, Delivered, NextQuery};
+use super::client::{Client, ClientLimits, Delivered, IdleCheck, NextQuery};
+use crate::config::PerAddress;
 use crate::timers::{Timer, Timers};
 use crate::token::Source;
 
@@ -29,83 +30,116 @@ pub enum Refusal {
     PerAddress(u32),
 }
 
-/// Connection counts, in total and per client address.
-#[derive(Debug, Default)]
+/// Connection counts, in total and per client address (as the
+/// per-address policy groups addresses: exempt ones are not counted per
+/// address, IPv6 ones by prefix).
+#[derive(Debug)]
 pub struct Admission {
     per_ip: HashMap<IpAddr, u32>,
     total: usize,
     max_total: usize,
     max_per_ip: u32,
+    policy: PerAddress,
 }
 
 impl Admission {
-    pub fn new(max_total: usize, max_per_ip: u32) -> Admission {
+    pub fn new(max_total: usize, max_per_ip: u32, policy: PerAddress) -> Admission {
         Admission {
+            per_ip: HashMap::new(),
+            total: 0,
             max_total,
             max_per_ip,
-            ..Admission::default()
+            policy,
         }
     }
 
-    pub fn set_limits(&mut self, max_total: usize, max_per_ip: u32) {
+    pub fn set_limits(&mut self, max_total: usize, max_per_ip: u32, policy: PerAddress) {
         self.max_total = max_total;
         self.max_per_ip = max_per_ip;
+        self.policy = policy;
     }
 
     /// Count a new connection from `ip`, or say why not.
     pub fn admit(&mut self, ip: IpAddr) -> Result<(), Refusal> {
-        let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
-        if from_ip >= self.max_per_ip {
-            return Err(Refusal::PerAddress(self.max_per_ip));
+        let key = self.policy.key(ip);
+        if let Some(k) = key {
+            if self.per_ip.get(&k).copied().unwrap_or(0) >= self.max_per_ip {
+                return Err(Refusal::PerAddress(self.max_per_ip));
+            }
         }
         if self.total >= self.max_total {
             return Err(Refusal::Total(self.max_total));
         }
-        *self.per_ip.entry(ip).or_insert(0) += 1;
+        if let Some(k) = key {
+            *self.per_ip.entry(k).or_insert(0) += 1;
+        }
         self.total += 1;
         Ok(())
     }
 
+    /// Uncount a connection admitted from `ip`.
     pub fn release(&mut self, ip: IpAddr) {
-        if let Some(n) = self.per_ip.get_mut(&ip) {
+        self.total = self.total.saturating_sub(1);
+        let Some(k) = self.policy.key(ip) else { return };
+        if let Some(n) = self.per_ip.get_mut(&k) {
             *n -= 1;
-            self.total = self.total.saturating_sub(1);
             if *n == 0 {
-                self.per_ip.remove(&ip);
+                self.per_ip.remove(&k);
             }
         }
     }
 
     pub fn open_from(&self, ip: IpAddr) -> u32 {
-        self.per_ip.get(&ip).copied().unwrap_or(0)
+        self.policy
+            .key(ip)
+            .and_then(|k| self.per_ip.get(&k).copied())
+            .unwrap_or(0)
     }
 }
+
+/// Answers waiting in all client buffers together, at most: beyond it the
+/// client with the largest backlog is closed. Far above what honest
+/// clients hold (they read), far below the memory limits the shipped
+/// systemd unit and DaemonSet set.
+pub const MAX_TOTAL_OUT: usize = 16 << 20;
 
 pub struct Clients {
     slab: Slab<Client>,
     next_gen: u32,
     admission: Admission,
     limits: ClientLimits,
+    /// Answer bytes pending over all clients.
+    pending_out: usize,
     dirty: Vec<usize>,
     resume: Vec<usize>,
-    doomed: Vec<usize>,
+    doomed: Vec<(usize, u32)>,
+}
+
+/// A client closed for what it did, for the loop to log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// It completed no query and had nothing pending for the idle time.
+    Idle,
+    /// Its pending answers made no progress for the idle time.
+    StoppedReading(SocketAddr),
 }
 
 impl Clients {
-    pub fn new(max_total: usize, max_per_ip: u32, limits: ClientLimits) -> Clients {
+    pub fn new(max_total: usize, max_per_ip: u32, policy: PerAddress, limits: ClientLimits) -> Clients {
         Clients {
             slab: Slab::new(),
             next_gen: 0,
-            admission: Admission::new(max_total, max_per_ip),
+            admission: Admission::new(max_total, max_per_ip, policy),
             limits,
+            pending_out: 0,
             dirty: Vec::new(),
             resume: Vec::new(),
             doomed: Vec::new(),
         }
     }
 
-    pub fn set_limits(&mut self, max_total: usize, max_per_ip: u32, limits: ClientLimits) {
-        self.admission.set_limits(max_total, max_per_ip);
+    pub fn set_limits(&mut self, max_total: usize, max_per_ip: u32, policy: PerAddress, limits: ClientLimits) {
+        self.admission.set_limits(max_total, max_per_ip, policy);
         self.limits = limits;
     }
 
@@ -117,9 +151,51 @@ impl Clients {
         self.slab.is_empty()
     }
 
-    /// Admit an accepted connection: counted, registered, idle timer armed.
-    /// Returns its key; read it at once (data may have come with the
-    /// handshake, before the registration's edge).
+    /// Answer bytes waiting over all clients.
+    pub fn pending_out(&self) -> usize {
+        self.pending_out
+    }
+
+    fn doom(&mut self, key: usize) {
+        if let Some(c) = self.slab.get(key) {
+            self.doomed.push((key, c.gen()));
+        }
+    }
+
+    fn is_doomed(&self, key: usize) -> bool {
+        self.doomed.iter().any(|&(k, _)| k == key)
+    }
+
+    /// Close client `key` now (its own room's object, so no reap needed):
+    /// deregistered, uncounted, removed.
+    fn remove(&mut self, key: usize, registry: &Registry) {
+        if let Some(mut c) = self.slab.try_remove(key) {
+            let _ = registry.deregister(c.source());
+            self.admission.release(c.peer().ip());
+            self.pending_out = self.pending_out.saturating_sub(c.pending_out());
+            debug!("tcp client {} closed", c.peer());
+        }
+    }
+
+    /// At a connection limit, the connection idle longest (no complete
+    /// query in flight, no answer pending) among those `matching` makes
+    /// room (RFC 7766 §6.2.3).
+    fn evict_idlest(&mut self, matching: impl Fn(IpAddr) -> bool, registry: &Registry) -> Option<SocketAddr> {
+        let victim = self
+            .slab
+            .iter()
+            .filter(|(k, c)| c.is_idle() && matching(c.peer().ip()) && !self.is_doomed(*k))
+            .min_by_key(|(_, c)| c.last_active())
+            .map(|(k, c)| (k, c.peer()))?;
+        self.remove(victim.0, registry);
+        Some(victim.1)
+    }
+
+    /// Admit an accepted connection: counted, registered, idle timer armed;
+    /// at a limit, an idle connection is evicted for it (returned, to be
+    /// logged), and it is refused only when every one is busy. Returns its
+    /// key; read it at once (data may have come with the handshake, before
+    /// the registration's edge).
     pub fn admit(
         &mut self,
         sock: TcpStream,
@@ -127,8 +203,26 @@ impl Clients {
         now: Instant,
         registry: &Registry,
         timers: &mut Timers,
-    ) -> Result<usize, Refusal> {
-        self.admission.admit(peer.ip())?;
+    ) -> Result<(usize, Option<SocketAddr>), Refusal> {
+        let ip = peer.ip();
+        let evicted = match self.admission.admit(ip) {
+            Ok(()) => None,
+            Err(refusal) => {
+                let evicted = match refusal {
+                    Refusal::PerAddress(_) => {
+                        let policy = self.admission.policy.clone();
+                        let key = policy.key(ip);
+                        self.evict_idlest(move |other| policy.key(other) == key, registry)
+                    }
+                    Refusal::Total(_) => self.evict_idlest(|_| true, registry),
+                };
+                if evicted.is_none() {
+                    return Err(refusal);
+                }
+                self.admission.admit(ip)?;
+                evicted
+            }
+        };
         self.next_gen = self.next_gen.wrapping_add(1);
         let gen = self.next_gen;
         let entry = self.slab.vacant_entry();
@@ -137,13 +231,13 @@ impl Clients {
         let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = registry.register(client.source(), Source::Client(key).token(), interest) {
             debug!("register tcp client {peer}: {e}");
-            self.admission.release(peer.ip());
+            self.admission.release(ip);
             // Not a refusal by limit: the socket is simply dropped.
             return Err(Refusal::Total(self.admission.max_total));
         }
         entry.insert(client);
         timers.add(now + self.limits.idle, Timer::ClientIdle { key, gen });
-        Ok(key)
+        Ok((key, evicted))
     }
 
     pub fn peer(&self, key: usize) -> Option<SocketAddr> {
@@ -164,16 +258,15 @@ impl Clients {
         if readable && reading {
             if let Err(e) = c.read() {
                 debug!("tcp client {}: {e}", c.peer());
-                self.doomed.push(key);
+                self.doom(key);
             }
         }
     }
 
-    /// The next query of client `key` into `frame`; `false` when there is
-    /// none to take now (and then the client may have been marked for
-    /// closing). `bad_frames` counts streams that lost their framing.
+    /// The next query of client `key` into `frame`, or what stops it; a
+    /// client that is done is marked for closing.
     pub fn next_query(&mut self, key: usize, frame: &mut Vec<u8>, reading: bool, now: Instant) -> Option<NextQuery> {
-        if self.doomed.contains(&key) {
+        if self.is_doomed(key) {
             return None;
         }
         let c = self.slab.get_mut(key)?;
@@ -182,7 +275,7 @@ impl Clients {
             if bad_frame {
                 debug!("tcp client {}: frame shorter than a header; closing", c.peer());
             }
-            self.doomed.push(key);
+            self.doom(key);
         }
         Some(next)
     }
@@ -194,27 +287,62 @@ impl Clients {
         }
     }
 
-    /// Queue an answer for client `key` of generation `gen`. `false` when
-    /// the client is gone, or was closed now for not reading its answers.
-    pub fn deliver(&mut self, key: usize, gen: u32, answer: &[u8]) -> Result<(), Gone> {
+    /// Queue an answer for client `key` of generation `gen`.
+    pub fn deliver(&mut self, key: usize, gen: u32, answer: &[u8], now: Instant) -> Result<(), Gone> {
+        // A client being closed takes nothing more (and is counted once).
+        if self.is_doomed(key) {
+            return Err(Gone::Closed);
+        }
         let Some(c) = self.slab.get_mut(key).filter(|c| c.gen() == gen) else {
             return Err(Gone::Closed);
         };
-        match c.deliver(answer, self.limits.max_pipeline) {
+        match c.deliver(answer, self.limits.max_pipeline, now) {
             Delivered::TooSlow => {
-                self.doomed.push(key);
-                Err(Gone::TooSlow(c.peer()))
+                let peer = c.peer();
+                self.doom(key);
+                Err(Gone::TooSlow(peer))
             }
             Delivered::Queued { resume } => {
+                self.pending_out += 2 + answer.len();
                 if resume {
                     self.resume.push(key);
                 }
                 if c.mark_dirty() {
                     self.dirty.push(key);
                 }
+                if self.pending_out > MAX_TOTAL_OUT {
+                    return self.shed_largest();
+                }
                 Ok(())
             }
         }
+    }
+
+    /// Over the bound of all buffers together: close the client with the
+    /// largest backlog (the one not reading; honest clients drain theirs).
+    /// Clients already being closed are counted out: their bytes leave the
+    /// total when they are removed, once.
+    fn shed_largest(&mut self) -> Result<(), Gone> {
+        let closing: usize = self
+            .doomed
+            .iter()
+            .filter_map(|&(k, g)| self.slab.get(k).filter(|c| c.gen() == g))
+            .map(Client::pending_out)
+            .sum();
+        if self.pending_out.saturating_sub(closing) <= MAX_TOTAL_OUT {
+            return Ok(());
+        }
+        let victim = self
+            .slab
+            .iter()
+            .filter(|(k, _)| !self.is_doomed(*k))
+            .max_by_key(|(_, c)| c.pending_out())
+            .map(|(k, c)| (k, c.peer()));
+        if let Some((k, peer)) = victim {
+            self.doom(k);
+            return Err(Gone::TooSlow(peer));
+        }
+        Ok(())
     }
 
     /// Clients that were held and got answers: look at their frames again.
@@ -236,10 +364,14 @@ impl Clients {
             match c.flush(now) {
                 Err(e) => {
                     debug!("tcp client {}: {e}", c.peer());
-                    self.doomed.push(k);
+                    self.doom(k);
                 }
-                Ok(()) if c.finished() => self.doomed.push(k),
-                Ok(()) => {}
+                Ok(written) => {
+                    self.pending_out = self.pending_out.saturating_sub(written);
+                    if c.finished() {
+                        self.doom(k);
+                    }
+                }
             }
         }
         keys.clear();
@@ -248,32 +380,52 @@ impl Clients {
         }
     }
 
-    /// A client idle timer fired.
-    pub fn on_idle_timer(&mut self, key: usize, gen: u32, now: Instant, timers: &mut Timers) {
-        let Some(c) = self.slab.get(key).filter(|c| c.gen() == gen) else {
-            return;
-        };
+    /// A client idle timer fired; a client closed for not reading comes
+    /// back, to be logged.
+    pub fn on_idle_timer(&mut self, key: usize, gen: u32, now: Instant, timers: &mut Timers) -> Option<Closed> {
+        let c = self.slab.get(key).filter(|c| c.gen() == gen)?;
         match c.idle_check(self.limits.idle, now) {
-            None => {
-                debug!("tcp client {} idle; closing", c.peer());
-                self.doomed.push(key);
+            IdleCheck::Again(at) => {
+                timers.add(at, Timer::ClientIdle { key, gen });
+                None
             }
-            Some(at) => timers.add(at, Timer::ClientIdle { key, gen }),
+            IdleCheck::Idle => {
+                debug!("tcp client {} idle; closing", c.peer());
+                self.doom(key);
+                Some(Closed::Idle)
+            }
+            IdleCheck::StoppedReading => {
+                let peer = c.peer();
+                self.doom(key);
+                Some(Closed::StoppedReading(peer))
+            }
         }
+    }
+
+    /// Close the clients no longer `allowed` (a reload narrowed the access
+    /// list); returns how many.
+    pub fn retain_allowed(&mut self, allowed: impl Fn(IpAddr) -> bool) -> usize {
+        let gone: Vec<(usize, u32)> = self
+            .slab
+            .iter()
+            .filter(|(_, c)| !allowed(c.peer().ip()))
+            .map(|(k, c)| (k, c.gen()))
+            .collect();
+        let n = gone.len();
+        self.doomed.extend(gone);
+        n
     }
 
     /// Whether every client has written all it was given.
     pub fn all_flushed(&self) -> bool {
-        self.slab.iter().all(|(_, c)| c.pending_out() == 0)
+        self.pending_out == 0
     }
 
     /// Close the clients marked for closing.
     pub fn reap(&mut self, registry: &Registry) {
-        for key in std::mem::take(&mut self.doomed) {
-            if let Some(mut c) = self.slab.try_remove(key) {
-                let _ = registry.deregister(c.source());
-                self.admission.release(c.peer().ip());
-                debug!("tcp client {} closed", c.peer());
+        for (key, gen) in std::mem::take(&mut self.doomed) {
+            if self.slab.get(key).is_some_and(|c| c.gen() == gen) {
+                self.remove(key, registry);
             }
         }
     }
@@ -292,9 +444,16 @@ pub enum Gone {
 mod tests {
     use super::*;
 
+    fn policy(exempt: &[&str], v6_prefix: u8) -> PerAddress {
+        PerAddress {
+            v6_prefix,
+            exempt: exempt.iter().map(|c| crate::config::Cidr::parse(c).unwrap()).collect(),
+        }
+    }
+
     #[test]
     fn admission_holds_both_limits_and_releases() {
-        let mut a = Admission::new(3, 2);
+        let mut a = Admission::new(3, 2, policy(&[], 64));
         let x = IpAddr::from([127, 0, 0, 1]);
         let y = IpAddr::from([127, 0, 0, 2]);
         assert_eq!(a.admit(x), Ok(()));
@@ -305,10 +464,27 @@ mod tests {
         a.release(x);
         assert_eq!(a.open_from(x), 1);
         assert_eq!(a.admit(y), Ok(()));
-        // Releasing an address never seen changes nothing.
-        a.release(IpAddr::from([10, 0, 0, 1]));
-        assert_eq!(a.admit(y), Err(Refusal::PerAddress(2)));
-        a.set_limits(10, 10);
+        a.set_limits(10, 10, policy(&[], 64));
         assert_eq!(a.admit(y), Ok(()));
+    }
+
+    #[test]
+    fn exempt_addresses_count_only_in_total_and_ipv6_groups_by_prefix() {
+        let mut a = Admission::new(4, 1, policy(&["127.0.0.0/8"], 64));
+        let local = IpAddr::from([127, 0, 0, 1]);
+        assert_eq!(a.admit(local), Ok(()));
+        assert_eq!(a.admit(local), Ok(()));
+        assert_eq!(a.open_from(local), 0);
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let v6c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(a.admit(v6a), Ok(()));
+        // The same /64: the same client.
+        assert_eq!(a.admit(v6b), Err(Refusal::PerAddress(1)));
+        assert_eq!(a.admit(v6c), Ok(()));
+        assert_eq!(a.admit(IpAddr::from([10, 0, 0, 1])), Err(Refusal::Total(4)));
+        a.release(local);
+        a.release(v6b);
+        assert_eq!(a.admit(IpAddr::from([10, 0, 0, 1])), Ok(()));
     }
 }

@@ -25,14 +25,14 @@ use log::{debug, info, warn};
 use mio::{Events, Interest, Poll};
 
 use crate::cache::Cache;
-use crate::config::{Cidr, Config, Exit};
+use crate::config::{Cidr, Config, Exit, PerAddress};
 use crate::failure::Failure;
 use crate::http::{HttpServer, Request, Route};
 use crate::listen::client::ClientLimits;
-use crate::listen::tcp::Clients;
+use crate::listen::tcp::{Clients, Closed};
 use crate::listen::Listeners;
 use crate::metrics::{self, Stats, View};
-use crate::notice::Notices;
+use crate::notice::{Notice, Notices};
 use crate::queries::{Queries, QueryRef};
 use crate::timers::{poll_timeout, Timer, Timers};
 use crate::token::Source;
@@ -50,15 +50,20 @@ struct Settings {
     padding: u16,
     allow: Vec<Cidr>,
     max_query_size: usize,
+    per_address: PerAddress,
+    /// The descriptor limit, raised at start.
+    nofile: u64,
 }
 
 impl Settings {
-    fn of(cfg: &Config) -> Settings {
+    fn of(cfg: &Config, nofile: u64) -> Settings {
         Settings {
             timeout: cfg.timeout,
             padding: cfg.padding,
             allow: cfg.allow.clone(),
             max_query_size: cfg.limits.max_query_size,
+            per_address: cfg.limits.per_address.clone(),
+            nofile,
         }
     }
 
@@ -96,6 +101,29 @@ impl Buffers {
     }
 }
 
+/// Descriptors kept for everything but TCP clients: stdio, poll, signals
+/// and slack; both sockets of each listener; every upstream's connections;
+/// the metrics server's.
+fn reserved_fds(cfg: &Config) -> u64 {
+    let upstreams = (cfg.upstreams.len() + cfg.forwards.len()) as u64;
+    32 + 2 * cfg.listen.len() as u64
+        + upstreams * crate::upstream::pool::MAX_CONNS_PER_UPSTREAM as u64
+        + crate::http::MAX_CONNS as u64
+}
+
+/// `--max-tcp-clients`, lowered to fit under the descriptor limit so that
+/// clients can never take the descriptors upstream connections need.
+fn max_tcp_clients(cfg: &Config, nofile: u64) -> usize {
+    let fits = crate::listen::socket::clients_under(nofile, reserved_fds(cfg));
+    if fits < cfg.limits.max_tcp_clients {
+        warn!(
+            "--max-tcp-clients {} lowered to {fits}: the descriptor limit is {nofile}",
+            cfg.limits.max_tcp_clients
+        );
+    }
+    cfg.limits.max_tcp_clients.min(fits)
+}
+
 fn client_limits(cfg: &Config) -> ClientLimits {
     ClientLimits {
         max_pipeline: cfg.limits.max_tcp_pipeline,
@@ -128,6 +156,7 @@ impl Proxy {
     /// Bind every listener and set up the loop; nothing is served until
     /// [`run`](Self::run).
     pub fn bind(cfg: &Config) -> Result<Proxy, String> {
+        let nofile = crate::listen::socket::raise_nofile();
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let listeners = Listeners::bind(&cfg.listen, cfg.reuseport, poll.registry())?;
         let pool = Pool::new(cfg)?;
@@ -143,13 +172,18 @@ impl Proxy {
             poll,
             signals,
             listeners,
-            clients: Clients::new(l.max_tcp_clients, l.max_tcp_clients_per_ip, client_limits(cfg)),
+            clients: Clients::new(
+                max_tcp_clients(cfg, nofile),
+                l.max_tcp_clients_per_ip,
+                l.per_address.clone(),
+                client_limits(cfg),
+            ),
             pool,
             queries: Queries::new(l.max_inflight, l.max_inflight_per_ip),
             timers: Timers::default(),
             cache: (cfg.cache_size > 0).then(|| Cache::new(cfg.cache_size)),
             http,
-            settings: Settings::of(cfg),
+            settings: Settings::of(cfg, nofile),
             started: cfg.clone(),
             bufs: Buffers {
                 read: vec![0; 65536].into_boxed_slice(),
@@ -272,10 +306,24 @@ impl Proxy {
         for &key in &keys {
             self.client_queries(key, now);
         }
+        self.pool.take_revisits(&mut keys);
+        for &key in &keys {
+            self.upstream_event(key, now);
+        }
         self.bufs.keys = keys;
     }
 
     fn expire(&mut self, now: Instant) {
+        // Per-query timers of answered queries are dead weight: drop them
+        // once they outnumber what is alive (see Timers::retain).
+        let alive = self.queries.len() + self.clients.len() + self.pool.connections();
+        if self.timers.len() > 2 * alive + 4096 {
+            let queries = &self.queries;
+            self.timers.retain(|t| match t {
+                Timer::Deadline(q) => queries.get(*q).is_some(),
+                _ => true,
+            });
+        }
         while let Some(timer) = self.timers.pop_due(now) {
             match timer {
                 Timer::Deadline(q) => {
@@ -283,8 +331,18 @@ impl Proxy {
                         self.time_out(q, now);
                     }
                 }
-                Timer::Handshake { .. } | Timer::ConnIdle { .. } => self.pool.on_timer(timer, now, &mut self.timers),
-                Timer::ClientIdle { key, gen } => self.clients.on_idle_timer(key, gen, now, &mut self.timers),
+                Timer::Handshake { .. } | Timer::ConnIdle { .. } | Timer::PipelineCheck { .. } => {
+                    self.pool.on_timer(timer, now, &mut self.timers)
+                }
+                Timer::ClientIdle { key, gen } => match self.clients.on_idle_timer(key, gen, now, &mut self.timers) {
+                    Some(Closed::StoppedReading(peer)) => {
+                        self.stats.tcp_closed.stopped_reading += 1;
+                        let what = format_args!("tcp client {peer} closed: stopped reading its answers");
+                        self.notices.warn(Notice::SlowReader, now, what);
+                    }
+                    Some(Closed::Idle) => self.stats.tcp_closed.idle += 1,
+                    None => {}
+                },
                 Timer::Http { key, gen } => self.http.on_timer(key, gen),
                 Timer::AcceptRetry { listener } => {
                     self.listeners.retry_fired(listener);
@@ -398,9 +456,18 @@ impl Proxy {
         }
         let l = &cfg.limits;
         self.queries.set_limits(l.max_inflight, l.max_inflight_per_ip);
-        self.clients
-            .set_limits(l.max_tcp_clients, l.max_tcp_clients_per_ip, client_limits(&cfg));
-        self.settings = Settings::of(&cfg);
+        self.clients.set_limits(
+            max_tcp_clients(&cfg, self.settings.nofile),
+            l.max_tcp_clients_per_ip,
+            l.per_address.clone(),
+            client_limits(&cfg),
+        );
+        self.settings = Settings::of(&cfg, self.settings.nofile);
+        let settings = &self.settings;
+        let closed = self.clients.retain_allowed(|ip| settings.allowed(ip));
+        if closed > 0 {
+            info!("reload: {closed} tcp clients closed, no longer in --allow");
+        }
         info!(
             "configuration reloaded: {} upstreams, {} forwarding zones",
             reloaded.upstreams, reloaded.zones

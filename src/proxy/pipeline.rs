@@ -21,7 +21,7 @@ use crate::upstream::Answer;
 use crate::wire::build::{build_error, build_truncated, pad_query};
 use crate::wire::query::parse_query;
 use crate::wire::response::{parse_response, restore_for_client, strip_answer, without_ede};
-use crate::wire::{BadResponse, Header, Query, Rcode, Reject, MAX_UDP};
+use crate::wire::{BadResponse, Ede, Header, Query, Rcode, Reject, MAX_UDP};
 
 impl Proxy {
     // ---- receive ----
@@ -76,7 +76,15 @@ impl Proxy {
                         .clients
                         .admit(sock, peer, now, self.poll.registry(), &mut self.timers)
                     {
-                        Ok(key) => self.client_queries_after_read(key, now),
+                        Ok((key, evicted)) => {
+                            if let Some(old) = evicted {
+                                self.stats.tcp_closed.evicted += 1;
+                                let what =
+                                    format_args!("tcp client {old} closed: idle, to admit a new connection at a limit");
+                                self.notices.warn(Notice::TcpClients, now, what);
+                            }
+                            self.client_queries_after_read(key, now);
+                        }
                         Err(refusal) => {
                             self.stats.tcp_refused += 1;
                             let ip = peer.ip();
@@ -147,13 +155,36 @@ impl Proxy {
                     self.peer_of(origin),
                     u16::from(rcode)
                 );
-                let mut reply = std::mem::take(&mut self.bufs.reply);
-                build_error(&mut reply, &msg, query.as_deref(), rcode, ede);
-                self.deliver(origin, query.as_deref(), &msg, &reply, now);
-                self.bufs.reply = reply;
+                self.own_answer(origin, query.as_deref(), &msg, msg.len(), (rcode, ede), now);
                 self.bufs.put(msg);
             }
         }
+    }
+
+    /// Answer with a message of our own. Over UDP it is never larger than
+    /// the query (`client_len`): the EDE text goes first, then the EDE, so
+    /// a spoofed source gets no amplification.
+    fn own_answer(
+        &mut self,
+        origin: Origin,
+        query: Option<&Query>,
+        msg: &[u8],
+        client_len: usize,
+        (rcode, ede): (Rcode, Option<Ede>),
+        now: Instant,
+    ) {
+        let mut reply = std::mem::take(&mut self.bufs.reply);
+        build_error(&mut reply, msg, query, rcode, ede);
+        if matches!(origin, Origin::Udp { .. }) {
+            for smaller in [ede.map(Ede::code_only), None] {
+                if reply.len() <= client_len {
+                    break;
+                }
+                build_error(&mut reply, msg, query, rcode, smaller);
+            }
+        }
+        self.deliver(origin, query, msg, &reply, now);
+        self.bufs.reply = reply;
     }
 
     pub(super) fn forward(&mut self, query: Query, msg: Vec<u8>, origin: Origin, ip: IpAddr, now: Instant) {
@@ -187,9 +218,12 @@ impl Proxy {
         let client_len = msg.len();
         // Rewritten once, re-sent as is: padding hides the query's size on
         // the wire, keepalive asks for the server's idle timeout.
-        let msg = if self.settings.padding > 0 {
+        // With padding off the query goes as the client sent it, but for
+        // a client subnet option, which is never forwarded.
+        let padding = self.settings.padding;
+        let msg = if padding > 0 || query.client_subnet {
             let mut padded = self.bufs.take();
-            pad_query(&mut padded, &msg, &query, self.settings.padding, true);
+            pad_query(&mut padded, &msg, &query, padding, padding > 0);
             self.bufs.put(msg);
             padded
         } else {
@@ -197,7 +231,8 @@ impl Proxy {
         };
         let new = NewQuery {
             origin,
-            client: ip,
+            client_len,
+            client: self.settings.per_address.key(ip),
             query,
             msg,
             key,
@@ -214,8 +249,11 @@ impl Proxy {
     /// query (under a flood of maybe spoofed queries, no amplification).
     pub(super) fn refuse_busy(&mut self, refused: Box<NewQuery>, client_len: usize, now: Instant) {
         self.stats.refused_busy += 1;
-        let ip = refused.client;
-        let what = format_args!("query from {ip} refused: --max-inflight or --max-inflight-per-ip reached");
+        let what = match refused.client {
+            Some(ip) => format!("query from {ip} refused: --max-inflight or --max-inflight-per-ip reached"),
+            None => "query refused: --max-inflight reached".to_string(),
+        };
+        let what = format_args!("{what}");
         self.notices.warn(Notice::Busy, now, what);
         let (rcode, ede) = Failure::Busy.answer();
         let mut reply = std::mem::take(&mut self.bufs.reply);
@@ -254,7 +292,7 @@ impl Proxy {
     pub(super) fn upstream_event(&mut self, key: usize, now: Instant) {
         self.pool.conn_event(key, &mut self.bufs.read, now, &mut self.timers);
         let mut frame = std::mem::take(&mut self.bufs.frame);
-        while let Some(answer) = self.pool.next_answer(key, &mut frame, now) {
+        while let Some(answer) = self.pool.next_answer(key, &mut frame, now, &mut self.timers) {
             match answer {
                 Answer::Live { id, query } => self.on_answer(key, id, query, &mut frame, now),
                 Answer::Late => self.stats.upstream_dropped.late += 1,
@@ -342,10 +380,8 @@ impl Proxy {
             if rcode == Rcode::ServFail {
                 self.stats.servfail += 1;
             }
-            let mut reply = std::mem::take(&mut self.bufs.reply);
-            build_error(&mut reply, p.msg(), Some(p.query()), rcode, Some(ede));
-            self.deliver(p.origin(), Some(p.query()), p.msg(), &reply, now);
-            self.bufs.reply = reply;
+            let answer = (rcode, Some(ede));
+            self.own_answer(p.origin(), Some(p.query()), p.msg(), p.client_len(), answer, now);
             self.bufs.put(p.into_msg());
         }
         self.bufs.failing = failing;
@@ -386,7 +422,8 @@ impl Proxy {
                 }
             }
             Origin::Tcp { key, gen } => {
-                if let Err(Gone::TooSlow(peer)) = self.clients.deliver(key, gen, answer) {
+                if let Err(Gone::TooSlow(peer)) = self.clients.deliver(key, gen, answer, now) {
+                    self.stats.tcp_closed.too_slow += 1;
                     let what = format_args!("tcp client {peer} closed: does not read its answers");
                     self.notices.warn(Notice::SlowReader, now, what);
                 }

@@ -13,6 +13,7 @@
 //! `process_new_packets`, drain the plaintext, repeat until the socket
 //! says `WouldBlock` (edge-triggered readiness is not re-armed otherwise).
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +64,9 @@ pub enum CloseReason {
     Idle,
     /// Too many late answers expected; recycled, not a failure.
     Recycled,
+    /// The server answered the first of several queries and then went
+    /// silent: it does not pipeline. Its queries are re-sent one at a time.
+    NotPipelining,
     Shutdown,
 }
 
@@ -79,15 +83,33 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Stalled => f.write_str("server stopped answering"),
             CloseReason::Idle => f.write_str("idle"),
             CloseReason::Recycled => f.write_str("recycled"),
+            CloseReason::NotPipelining => f.write_str("server does not pipeline"),
             CloseReason::Shutdown => f.write_str("shutting down"),
         }
     }
 }
 
 impl CloseReason {
+    /// Out of descriptors (EMFILE, ENFILE) or memory on our side: nothing
+    /// the upstream did.
+    pub fn is_local_exhaustion(&self) -> bool {
+        match self {
+            CloseReason::Connect(e) | CloseReason::Io(e) => {
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                )
+            }
+            _ => false,
+        }
+    }
+
     /// Ours, and nothing is wrong: the server gets a close_notify.
     pub fn is_polite(&self) -> bool {
-        matches!(self, CloseReason::Idle | CloseReason::Recycled | CloseReason::Shutdown)
+        matches!(
+            self,
+            CloseReason::Idle | CloseReason::Recycled | CloseReason::NotPipelining | CloseReason::Shutdown
+        )
     }
 
     /// Whether the upstream should be treated as broken: the connection
@@ -99,7 +121,7 @@ impl CloseReason {
     /// (and must not be reconnected to at full speed).
     pub fn is_failure(&self, was_ready: bool, answered: bool, in_flight: bool) -> bool {
         match self {
-            CloseReason::Idle | CloseReason::Recycled | CloseReason::Shutdown => false,
+            CloseReason::Idle | CloseReason::Recycled | CloseReason::NotPipelining | CloseReason::Shutdown => false,
             CloseReason::Tls(_) | CloseReason::BadFrame(_) => true,
             // One slow answer on a connection that has been answering is
             // not an outage: replace the connection, keep the upstream.
@@ -177,6 +199,23 @@ pub enum Answer {
     Unknown,
 }
 
+/// What the server has been doing.
+struct Activity {
+    /// The last read or write of queries.
+    last_active: Instant,
+    /// When a whole message last arrived: handshake bytes do not count, a
+    /// server can finish TLS and then say nothing.
+    last_answer: Option<Instant>,
+    /// Queries sent on this connection so far.
+    sent: u64,
+    /// Since when the server may be stuck on a batch: it answered the
+    /// oldest query outstanding and others remain. A server that answers a
+    /// newer query while an older one waits reads them all: it pipelines.
+    suspect: Option<Instant>,
+    /// The pool's check timer for `suspect` is armed.
+    check_armed: bool,
+}
+
 /// When a connection with nothing in flight closes.
 struct Idle {
     /// Our default, or less when the server announces a shorter
@@ -189,6 +228,9 @@ struct Idle {
 /// How much the socket read loop pulls in one `read` call: big enough
 /// that a burst of answers costs few syscalls.
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from one connection per readiness turn; the rest is read on
+/// the next turn, after other sockets had theirs.
+const READ_BUDGET: usize = 4 * READ_CHUNK;
 
 pub struct UpstreamConn<S = TcpStream> {
     /// Index of the configured upstream this connection belongs to.
@@ -204,14 +246,17 @@ pub struct UpstreamConn<S = TcpStream> {
     /// so a burst becomes a few TLS records and one socket write.
     out: Vec<u8>,
     ids: IdTable,
-    last_active: Instant,
-    /// When a whole message last arrived: handshake bytes do not count, a
-    /// server can finish TLS and then say nothing.
-    last_answer: Option<Instant>,
+    /// IDs in send order (pruned at the front), to tell a server answering
+    /// in order from one that reorders; empty on serial connections.
+    order: VecDeque<u16>,
+    activity: Activity,
     was_ready: bool,
+    /// The last read stopped at its budget with more to read: come back.
+    read_more: bool,
     idle: Idle,
-    /// Queries sent on this connection so far.
-    sent: u64,
+    /// One query at a time (a server that does not pipeline), and the
+    /// framed queries waiting for the one in flight to be answered.
+    serial: Option<VecDeque<Vec<u8>>>,
     drain: Option<Drain>,
     /// On the pool's flush list this turn.
     dirty: bool,
@@ -261,14 +306,21 @@ impl<S: Transport> UpstreamConn<S> {
             decoder: FrameDecoder::default(),
             out: Vec::new(),
             ids: IdTable::default(),
-            last_active: now,
-            last_answer: None,
+            order: VecDeque::new(),
+            activity: Activity {
+                last_active: now,
+                last_answer: None,
+                sent: 0,
+                suspect: None,
+                check_armed: false,
+            },
             was_ready: false,
+            read_more: false,
             idle: Idle {
                 after: IDLE,
                 armed: None,
             },
-            sent: 0,
+            serial: None,
             drain: None,
             dirty: false,
         })
@@ -300,11 +352,32 @@ impl<S: Transport> UpstreamConn<S> {
     }
 
     pub fn last_answer(&self) -> Option<Instant> {
-        self.last_answer
+        self.activity.last_answer
+    }
+
+    /// Whether the last read stopped at its budget with more to read.
+    pub fn has_more(&self) -> bool {
+        self.read_more
     }
 
     pub fn sent(&self) -> u64 {
-        self.sent
+        self.activity.sent
+    }
+
+    /// See [`Activity::suspect`]: `None` unless the last answer was to the
+    /// oldest query outstanding and others remain.
+    pub fn suspect(&self) -> Option<Instant> {
+        self.activity.suspect
+    }
+
+    /// Note the check timer armed; `false` when it already was.
+    pub fn arm_check(&mut self) -> bool {
+        !std::mem::replace(&mut self.activity.check_armed, true)
+    }
+
+    /// The check timer fired: it is no longer armed.
+    pub fn check_fired(&mut self) {
+        self.activity.check_armed = false;
     }
 
     /// Whether new queries may be given to this connection.
@@ -341,15 +414,60 @@ impl<S: Transport> UpstreamConn<S> {
     /// Queue query `q` under a fresh random ID; `None` only when all
     /// 65,536 IDs are taken (the per-connection cap keeps that far away).
     pub fn send(&mut self, q: QueryRef, msg: &[u8], rng: &mut IdRng, now: Instant) -> Option<u16> {
+        let busy = self.ids.live() > 0;
         let id = self.ids.insert(q, rng)?;
-        let start = self.out.len();
-        crate::framing::push_frame(&mut self.out, msg);
-        if let Some(b) = self.out.get_mut(start + 2..start + 4) {
+        let mut frame = Vec::new();
+        let out = match &mut self.serial {
+            // One at a time: it waits for the answer to the one in flight.
+            Some(_) if busy => &mut frame,
+            _ => &mut self.out,
+        };
+        let start = out.len();
+        crate::framing::push_frame(out, msg);
+        if let Some(b) = out.get_mut(start + 2..start + 4) {
             b.copy_from_slice(&id.to_be_bytes());
         }
-        self.sent += 1;
-        self.last_active = now;
+        if let (Some(held), false) = (&mut self.serial, frame.is_empty()) {
+            held.push_back(frame);
+        }
+        if self.serial.is_none() {
+            self.order.push_back(id);
+        }
+        self.activity.sent += 1;
+        self.activity.last_active = now;
         Some(id)
+    }
+
+    /// Send one query at a time on this connection (its server does not
+    /// pipeline). Only for a fresh connection: set before any query.
+    pub fn set_serial(&mut self) {
+        self.serial = Some(VecDeque::new());
+    }
+
+    pub fn is_serial(&self) -> bool {
+        self.serial.is_some()
+    }
+
+    /// Whether `id` is the oldest query still waiting, by send order;
+    /// forgets answered and timed-out ones at the front on the way.
+    fn is_oldest(&mut self, id: u16) -> bool {
+        while let Some(&front) = self.order.front() {
+            if front == id {
+                self.order.pop_front();
+                return true;
+            }
+            if matches!(self.ids.get(front), Lookup::Live(_)) {
+                return false;
+            }
+            self.order.pop_front();
+        }
+        false
+    }
+
+    /// Queries written (or being written) and not yet answered: all of
+    /// them, except those a serial connection still holds back.
+    pub fn outstanding(&self) -> usize {
+        self.ids.live() - self.serial.as_ref().map_or(0, VecDeque::len)
     }
 
     /// An answer taken for `q` turned out not to belong to it (wrong
@@ -426,7 +544,15 @@ impl<S: Transport> UpstreamConn<S> {
     }
 
     fn read_loop(&mut self, scratch: &mut [u8], now: Instant, got_any: &mut bool) -> Result<(), CloseReason> {
+        self.read_more = false;
+        let mut budget = READ_BUDGET;
         loop {
+            if budget == 0 {
+                // A flooding server must not starve everyone else: the rest
+                // waits for the next turn.
+                self.read_more = true;
+                return Ok(());
+            }
             let n = match self.sock.read(scratch) {
                 Ok(0) => {
                     // Let rustls see the EOF: it tells a clean close_notify
@@ -440,7 +566,8 @@ impl<S: Transport> UpstreamConn<S> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(CloseReason::Io(e)),
             };
-            self.last_active = now;
+            self.activity.last_active = now;
+            budget = budget.saturating_sub(n);
             *got_any = true;
             let mut input = scratch.get(..n).unwrap_or(&[]);
             while !input.is_empty() {
@@ -499,13 +626,26 @@ impl<S: Transport> UpstreamConn<S> {
             }
             Err(e) => return Some(Err(CloseReason::BadFrame(e))),
         }
-        self.last_answer = Some(now);
+        self.activity.last_answer = Some(now);
         let id = crate::wire::id(frame).unwrap_or(0);
-        Some(Ok(match self.ids.take(id) {
+        if self.serial.is_none() && matches!(self.ids.get(id), Lookup::Live(_)) {
+            let oldest = self.is_oldest(id);
+            // Outstanding besides this one (it is still in the table).
+            self.activity.suspect = (oldest && self.ids.live() > 1).then_some(now);
+        }
+        let answer = match self.ids.take(id) {
             Lookup::Live(query) => Answer::Live { id, query },
             Lookup::Late => Answer::Late,
             Lookup::Unknown => Answer::Unknown,
-        }))
+        };
+        // The one in flight is done (answered, or given up on earlier): the
+        // next held query may go.
+        if answer != Answer::Unknown {
+            if let Some(next) = self.serial.as_mut().and_then(VecDeque::pop_front) {
+                self.out.extend_from_slice(&next);
+            }
+        }
+        Some(Ok(answer))
     }
 
     /// Honour the server's edns-tcp-keepalive TIMEOUT (RFC 7828 §3.2.2):
@@ -523,7 +663,7 @@ impl<S: Transport> UpstreamConn<S> {
 
     /// When it may close for idleness, if nothing else happens.
     pub fn idle_due(&self) -> Instant {
-        self.last_active + self.idle.after
+        self.activity.last_active + self.idle.after
     }
 
     /// Note an idle timer for `at`; `false` when one is due sooner already
@@ -557,6 +697,9 @@ impl<S: Transport> UpstreamConn<S> {
         // Queries still queued would be encrypted after the alert: they are
         // orphans (handed back below), not sent.
         self.out.clear();
+        if let Some(held) = &mut self.serial {
+            held.clear();
+        }
         if reason.is_polite() && self.state != ConnState::Connecting {
             self.tls.send_close_notify();
             let _ = self.flush();

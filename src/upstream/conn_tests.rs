@@ -912,3 +912,74 @@ fn close_sends_nothing_after_close_notify() {
     }
     assert_eq!(records, 1, "close_notify only");
 }
+
+/// Fair reads: a server that sends ~1 MiB of answers at once does not
+/// hold the loop. One `on_ready` reads at most the turn's budget (256 KiB,
+/// plus the one chunk that crossed it) and says `has_more`; the next calls
+/// read the rest, `has_more` is false once the pipe is empty, and every
+/// answer comes out, in order, matched to its query.
+#[test]
+fn one_turn_reads_at_most_its_budget_and_the_next_turns_the_rest() {
+    const BUDGET: usize = 256 * 1024;
+    let mut r = rig();
+    r.handshake();
+    // The server writes everything in one go (no 64 KiB send limit).
+    r.server.tls.set_buffer_limit(None);
+    let n = 256;
+    let msgs: Vec<Vec<u8>> = (0..n)
+        .map(|i| query(i as u16, &format!("n{i}.example"), 1, None))
+        .collect();
+    let ids: Vec<u16> = msgs.iter().enumerate().map(|(i, m)| r.send(i as u32, m, 10)).collect();
+    let frames = r.deliver();
+    assert_eq!(frames.len(), n);
+    let mut bytes = Vec::new();
+    for (f, &id) in frames.iter().zip(&ids) {
+        // 4 KiB each: the connection only frames and matches IDs, so the
+        // padding after the question does not matter.
+        let mut a = answer_to(f, id);
+        a.resize(4096, 0);
+        push_frame(&mut bytes, &a);
+    }
+    r.server.send_raw(&bytes);
+    let pending = |r: &Rig| r.wire.to_client.borrow().len();
+    let total = pending(&r);
+    assert!(total > 1 << 20, "{total} bytes sent");
+    let chunk = r.scratch.len();
+
+    // The first turn stops at its budget.
+    assert!(!r.ready(20).unwrap());
+    let first = total - pending(&r);
+    assert!(
+        (BUDGET..=BUDGET + chunk).contains(&first),
+        "one on_ready read {first} bytes of {total} (budget {BUDGET}, chunk {chunk})"
+    );
+    assert!(r.conn.has_more(), "stopped at the budget with more to read");
+    let mut got = r.answers(20);
+    assert!(!got.is_empty() && got.len() < n, "{} answers after one turn", got.len());
+
+    // Later turns, each bounded the same way, read the rest.
+    let mut turns = 1;
+    while r.conn.has_more() {
+        assert!(turns < 16, "still more to read after {turns} turns");
+        let before = pending(&r);
+        let ms = 20 + turns;
+        assert!(!r.ready(ms).unwrap());
+        let read = before - pending(&r);
+        assert!(read <= BUDGET + chunk, "turn {turns} read {read} bytes");
+        got.extend(r.answers(ms));
+        turns += 1;
+    }
+    assert!(turns >= 4, "~1 MiB read in {turns} turns of at most {BUDGET} bytes");
+    assert_eq!(pending(&r), 0, "bytes left unread");
+    assert!(!r.conn.has_more());
+    let want: Vec<Answer> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| Answer::Live {
+            id,
+            query: qref(i as u32),
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(r.conn.live(), 0);
+}

@@ -32,13 +32,30 @@ use crate::wire::Name;
 const MAX_INFLIGHT_PER_CONN: usize = 1000;
 /// Connections per upstream; more only when the others are full
 /// (RFC 7766 §6.2.2 asks for few).
-const MAX_CONNS_PER_UPSTREAM: usize = 4;
+pub const MAX_CONNS_PER_UPSTREAM: usize = 4;
+/// Connections in a row that went silent (a query timed out with nothing
+/// heard since it was sent) before the upstream counts as failed: one slow
+/// answer is not an outage, silence across several queries is.
+const STALL_AFTER: u32 = 3;
 /// Timed-out IDs a connection may hold before it is drained and replaced.
 const MAX_TOMBSTONES: usize = 256;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Upper bounds (seconds) of the upstream latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+/// Connections per upstream in one-at-a-time mode: each carries one query
+/// at a time, so more of them are needed for the same load.
+pub const MAX_SERIAL_CONNS: usize = 16;
+/// How long one-at-a-time mode lasts before pipelining is tried again (a
+/// server can be upgraded).
+const REPROBE_PIPELINING: Duration = Duration::from_secs(600);
+/// Silence with queries outstanding after an answer, before a connection
+/// counts as not pipelining: at least this, at most a third of the
+/// timeout, otherwise twenty times the upstream's smoothed latency (a
+/// resolver recursing for a cache miss takes longer than one answering
+/// from its cache).
+const PIPELINE_CHECK_MIN: Duration = Duration::from_millis(400);
 
 /// Which names an upstream serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +88,17 @@ impl Health {
     }
 }
 
+/// Whether an upstream's server handles several queries in flight on one
+/// connection (RFC 7766 §6.2.1.1 asks it to; some servers do not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipelining {
+    Yes,
+    /// Seen not to: one query per connection at a time, until `retry_at`.
+    No {
+        retry_at: Instant,
+    },
+}
+
 /// Counters of one upstream, for metrics.
 #[derive(Debug, Default, Clone)]
 pub struct UpstreamStats {
@@ -90,16 +118,30 @@ struct Upstream {
     /// Shared by all upstreams, or this upstream's own when it has pins or
     /// its own CA.
     tls: Arc<rustls::ClientConfig>,
+    /// A digest of what it trusts beyond its configuration: the contents
+    /// of the CA file in force, so a reload sees a changed file.
+    trust: u64,
     label: String,
     conns: Vec<usize>,
     health: Health,
+    /// Connections that went silent since it last sent anything.
+    stalls: u32,
+    pipelining: Pipelining,
     stats: UpstreamStats,
+}
+
+impl Upstream {
+    /// Whether its connections carry one query at a time now.
+    fn serial(&self, now: Instant) -> bool {
+        matches!(self.pipelining, Pipelining::No { retry_at } if retry_at > now)
+    }
 }
 
 /// A read-only view of one upstream, for metrics.
 pub struct UpstreamView<'a> {
     pub label: &'a str,
     pub up: bool,
+    pub pipelining: bool,
     pub connections: usize,
     pub inflight: usize,
     pub stats: &'a UpstreamStats,
@@ -132,7 +174,8 @@ pub struct Reloaded {
 }
 
 pub struct Pool {
-    upstreams: Vec<Upstream>,
+    /// A slab: keys stay put when a retired upstream is dropped.
+    upstreams: Slab<Upstream>,
     conns: Slab<UpstreamConn>,
     /// Forwarding zones, canonical wire form; the index is the zone's role.
     zones: Vec<Vec<u8>>,
@@ -143,6 +186,8 @@ pub struct Pool {
     /// `--max-upstream-conn-queries`, 0 = no limit.
     max_conn_queries: u64,
     dirty: Vec<usize>,
+    /// Connections whose read stopped at its budget: read again next turn.
+    revisit: Vec<usize>,
     doomed: Vec<(usize, CloseReason)>,
     /// Failures to count once the orphans of a broken stream are re-sent.
     deferred: Vec<(usize, String)>,
@@ -151,7 +196,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(cfg: &Config) -> Result<Pool, String> {
         let mut pool = Pool {
-            upstreams: Vec::new(),
+            upstreams: Slab::new(),
             conns: Slab::new(),
             zones: Vec::new(),
             rng: IdRng::default(),
@@ -159,17 +204,18 @@ impl Pool {
             timeout: cfg.timeout,
             max_conn_queries: cfg.limits.max_upstream_conn_queries,
             dirty: Vec::new(),
+            revisit: Vec::new(),
             doomed: Vec::new(),
             deferred: Vec::new(),
         };
         let (upstreams, zones) = build(cfg)?;
-        for u in &upstreams {
+        for u in upstreams {
             match u.role {
                 Role::Zone(z) => info!("upstream {} for {}", u.cfg, zone_label(zones.get(z))),
                 _ => info!("upstream {}", u.cfg),
             }
+            pool.upstreams.insert(u);
         }
-        pool.upstreams = upstreams;
         pool.zones = zones;
         Ok(pool)
     }
@@ -240,7 +286,6 @@ impl Pool {
         let chosen = self
             .upstreams
             .iter()
-            .enumerate()
             .filter(|(_, u)| u.role == role && u.health.usable(now))
             .map(|(i, u)| {
                 let score = (self.inflight(u) + 1) as f64 * u.srtt.unwrap_or(0.0).max(0.0001);
@@ -251,7 +296,7 @@ impl Pool {
         // What is not measured is forgotten slowly: the others' latency
         // decays, so a resolver that was slow gets a fresh sample now and
         // then (about one query in a few hundred) instead of never again.
-        for (i, u) in self.upstreams.iter_mut().enumerate() {
+        for (i, u) in self.upstreams.iter_mut() {
             if i != chosen && u.role == role {
                 if let Some(s) = &mut u.srtt {
                     *s *= 0.98;
@@ -278,20 +323,29 @@ impl Pool {
     /// has been marked down, or it is saturated).
     fn choose_conn(&mut self, u: usize, now: Instant, registry: &Registry, timers: &mut Timers) -> Option<usize> {
         let up = self.upstreams.get(u)?;
+        let serial = up.serial(now);
+        let usable = |k: usize, c: &UpstreamConn| {
+            c.accepts_queries() && c.live() < MAX_INFLIGHT_PER_CONN && !self.is_doomed(k) && c.is_serial() == serial
+        };
         let best = up
             .conns
             .iter()
             .filter_map(|&k| self.conns.get(k).map(|c| (k, c)))
-            .filter(|(k, c)| c.accepts_queries() && c.live() < MAX_INFLIGHT_PER_CONN && !self.is_doomed(*k))
+            .filter(|&(k, c)| usable(k, c))
             .min_by_key(|(_, c)| c.live())
-            .map(|(k, _)| k);
-        if best.is_some() {
-            return best;
+            .map(|(k, c)| (k, c.live()));
+        let cap = if serial {
+            MAX_SERIAL_CONNS
+        } else {
+            MAX_CONNS_PER_UPSTREAM
+        };
+        match best {
+            // One at a time: a free connection, else a new one while under
+            // the cap, else wait in the least loaded one's queue.
+            Some((k, live)) if !serial || live == 0 || up.conns.len() >= cap => Some(k),
+            _ if up.conns.len() >= cap => None,
+            _ => self.open(u, now, registry, timers),
         }
-        if up.conns.len() >= MAX_CONNS_PER_UPSTREAM {
-            return None;
-        }
-        self.open(u, now, registry, timers)
     }
 
     fn open(&mut self, u: usize, now: Instant, registry: &Registry, timers: &mut Timers) -> Option<usize> {
@@ -301,6 +355,12 @@ impl Pool {
         up.stats.connects += 1;
         let mut conn = match UpstreamConn::connect(u, gen, up.cfg.addr, &up.cfg.name, &up.tls, now) {
             Ok(c) => c,
+            Err(reason) if reason.is_local_exhaustion() => {
+                // Our descriptors ran out, not the server: no back-off,
+                // the query fails now and the next one tries again.
+                warn_exhausted(&reason);
+                return None;
+            }
             Err(reason) => {
                 self.upstream_failed(u, &reason, now);
                 return None;
@@ -312,6 +372,12 @@ impl Pool {
         if let Err(e) = registry.register(conn.source(), Source::Upstream(key).token(), interest) {
             self.upstream_failed(u, &CloseReason::Connect(e), now);
             return None;
+        }
+        if up.serial(now) {
+            conn.set_serial();
+        } else if matches!(up.pipelining, Pipelining::No { .. }) {
+            up.pipelining = Pipelining::Yes;
+            info!("upstream {}: trying pipelining again", up.cfg);
         }
         entry.insert(conn);
         up.conns.push(key);
@@ -353,7 +419,11 @@ impl Pool {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        match conn.on_ready(scratch, now) {
+        let result = conn.on_ready(scratch, now);
+        if conn.has_more() && !self.revisit.contains(&key) {
+            self.revisit.push(key);
+        }
+        match result {
             Ok(true) => {
                 let (u, resumed) = (conn.upstream(), conn.resumed());
                 let at = now + super::conn::IDLE;
@@ -392,10 +462,36 @@ impl Pool {
     /// The next whole message read on connection `key`, into `frame`.
     /// `None` when there is none; then a connection that has drained is
     /// marked for closing and one with output is put on the flush list.
-    pub fn next_answer(&mut self, key: usize, frame: &mut Vec<u8>, now: Instant) -> Option<Answer> {
+    pub fn next_answer(
+        &mut self,
+        key: usize,
+        frame: &mut Vec<u8>,
+        now: Instant,
+        timers: &mut Timers,
+    ) -> Option<Answer> {
         let conn = self.conns.get_mut(key)?;
         match conn.next_answer(frame, now) {
-            Some(Ok(answer)) => return Some(answer),
+            Some(Ok(answer)) => {
+                // Any message, a late one too, shows the server alive.
+                if let Some(up) = self.upstreams.get_mut(conn.upstream()) {
+                    up.stalls = 0;
+                    // It answered the oldest query and others remain: if
+                    // it now falls silent, it may not pipeline.
+                    if let Some(since) = conn.suspect() {
+                        if conn.arm_check() {
+                            let at = since + pipeline_check(up.srtt, self.timeout);
+                            timers.add(
+                                at,
+                                Timer::PipelineCheck {
+                                    conn: key,
+                                    gen: conn.gen(),
+                                },
+                            );
+                        }
+                    }
+                }
+                return Some(answer);
+            }
             Some(Err(reason)) => self.doomed.push((key, reason)),
             None if conn.drained() => self.doomed.push((key, CloseReason::Recycled)),
             None if conn.has_output() && conn.mark_dirty() => self.dirty.push(key),
@@ -455,6 +551,9 @@ impl Pool {
         };
         conn.bury(sent.id, q);
         if conn.was_ready() && conn.last_answer().is_none_or(|t| t <= sent.at) {
+            // Silent since the query went out: replace the connection now
+            // and re-send the rest; whether the upstream failed is decided
+            // at the close, by its streak of silent connections.
             self.doomed.push((sent.conn, CloseReason::Stalled));
         } else if conn.tombstones() > MAX_TOMBSTONES && conn.accepts_queries() {
             conn.drain(Drain::LateAnswers);
@@ -467,6 +566,7 @@ impl Pool {
     /// A connection timer fired.
     pub fn on_timer(&mut self, timer: Timer, now: Instant, timers: &mut Timers) {
         match timer {
+            Timer::PipelineCheck { conn, gen } => self.check_pipelining(conn, gen, now, timers),
             Timer::Handshake { conn, gen }
                 if self.conns.get(conn).is_some_and(|c| c.gen() == gen && !c.was_ready()) =>
             {
@@ -493,6 +593,47 @@ impl Pool {
         }
     }
 
+    /// A connection that answered while others were outstanding: still
+    /// silent since, with queries outstanding, for the check period? Then
+    /// its server does not pipeline (it handles one query at a time and
+    /// dropped the rest): the connection is closed, its queries re-sent
+    /// at once (in time for their clients), and the upstream used one
+    /// query per connection until pipelining is tried again.
+    fn check_pipelining(&mut self, key: usize, gen: u32, now: Instant, timers: &mut Timers) {
+        let Some(c) = self.conns.get_mut(key).filter(|c| c.gen() == gen) else {
+            return;
+        };
+        c.check_fired();
+        let Some(up) = self.upstreams.get_mut(c.upstream()) else {
+            return;
+        };
+        let Some(since) = c.suspect().filter(|_| c.outstanding() > 0) else {
+            return;
+        };
+        match since + pipeline_check(up.srtt, self.timeout) {
+            due if due > now => {
+                if c.arm_check() {
+                    timers.add(due, Timer::PipelineCheck { conn: key, gen });
+                }
+            }
+            _ => {
+                if !up.serial(now) {
+                    warn!(
+                        "upstream {}: answered one query and fell silent with {} outstanding: it does not pipeline; \
+                         sending one query per connection for {} s",
+                        up.cfg,
+                        c.outstanding(),
+                        REPROBE_PIPELINING.as_secs()
+                    );
+                }
+                up.pipelining = Pipelining::No {
+                    retry_at: now + REPROBE_PIPELINING,
+                };
+                self.doomed.push((key, CloseReason::NotPipelining));
+            }
+        }
+    }
+
     /// Write what every connection with output has.
     pub fn flush(&mut self) {
         let mut keys = std::mem::take(&mut self.dirty);
@@ -510,7 +651,13 @@ impl Pool {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.dirty.is_empty() || !self.doomed.is_empty()
+        !self.dirty.is_empty() || !self.doomed.is_empty() || !self.revisit.is_empty()
+    }
+
+    /// Connections to read again this turn (their last read was cut short).
+    pub fn take_revisits(&mut self, out: &mut Vec<usize>) {
+        out.clear();
+        out.append(&mut self.revisit);
     }
 
     /// Close every connection marked for closing; their unanswered queries
@@ -530,7 +677,13 @@ impl Pool {
             if let Some(up) = self.upstreams.get_mut(u) {
                 up.conns.retain(|&c| c != key);
             }
-            let failed = reason.is_failure(conn.was_ready(), conn.last_answer().is_some(), in_flight);
+            let mut failed = reason.is_failure(conn.was_ready(), conn.last_answer().is_some(), in_flight);
+            if matches!(reason, CloseReason::Stalled) {
+                if let Some(up) = self.upstreams.get_mut(u) {
+                    up.stalls += 1;
+                    failed = up.stalls >= STALL_AFTER;
+                }
+            }
             // A stream that broke after a good handshake (a garbage frame
             // or record) is likely this connection's trouble: its queries
             // get their re-send even when this is the only upstream, and
@@ -548,6 +701,9 @@ impl Pool {
             }
             let answered_at = conn.last_answer();
             orphans.extend(live.drain(..).map(|query| Orphan { query, answered_at }));
+        }
+        if any {
+            self.forget_retired();
         }
         any
     }
@@ -573,7 +729,7 @@ impl Pool {
     /// Healthy while some upstream has a working connection, or has not
     /// failed since its last success (nothing is known to be wrong yet).
     pub fn healthy(&self) -> bool {
-        self.upstreams.iter().any(|u| {
+        self.upstreams.iter().any(|(_, u)| {
             u.health == Health::Up
                 || u.conns
                     .iter()
@@ -583,9 +739,10 @@ impl Pool {
     }
 
     pub fn upstreams(&self, now: Instant) -> impl Iterator<Item = UpstreamView<'_>> {
-        self.upstreams.iter().map(move |u| UpstreamView {
+        self.upstreams.iter().map(move |(_, u)| UpstreamView {
             label: &u.label,
             up: u.health == Health::Up && u.health.usable(now),
+            pipelining: !u.serial(now),
             connections: u.conns.len(),
             inflight: self.inflight(u),
             stats: &u.stats,
@@ -602,30 +759,41 @@ impl Pool {
     /// and every later send routes by them.
     pub fn reload(&mut self, cfg: &Config) -> Result<Reloaded, String> {
         let (fresh, zones) = build(cfg)?;
-        let mut kept = vec![false; self.upstreams.len()];
+        let mut kept: Vec<usize> = Vec::new();
         for new in fresh {
-            let same = (0..self.upstreams.len())
-                .find(|&i| !kept[i] && self.upstreams[i].role != Role::Retired && self.upstreams[i].cfg == new.cfg);
+            // Same resolver, same name and pins, same CA path and same CA
+            // file contents: keep the running one. Anything else about what
+            // it trusts changed: a new upstream, so new handshakes use the
+            // new trust and the old connections drain.
+            let same = self
+                .upstreams
+                .iter()
+                .find(|(i, u)| !kept.contains(i) && u.role != Role::Retired && u.cfg == new.cfg && u.trust == new.trust)
+                .map(|(i, _)| i);
             match same {
                 Some(i) => {
-                    kept[i] = true;
-                    self.upstreams[i].role = new.role;
+                    kept.push(i);
+                    if let Some(u) = self.upstreams.get_mut(i) {
+                        u.role = new.role;
+                    }
                 }
                 None => {
                     match new.role {
                         Role::Zone(z) => info!("upstream {} for {} added", new.cfg, zone_label(zones.get(z))),
                         _ => info!("upstream {} added", new.cfg),
                     }
-                    kept.push(true);
-                    self.upstreams.push(new);
+                    kept.push(self.upstreams.insert(new));
                 }
             }
         }
-        for (i, keep) in kept.iter().enumerate() {
-            if *keep {
-                continue;
-            }
-            let u = &mut self.upstreams[i];
+        let retire: Vec<usize> = self
+            .upstreams
+            .iter()
+            .map(|(i, _)| i)
+            .filter(|i| !kept.contains(i))
+            .collect();
+        for i in retire {
+            let Some(u) = self.upstreams.get_mut(i) else { continue };
             if u.role != Role::Retired {
                 info!("upstream {} removed", u.cfg);
                 u.role = Role::Retired;
@@ -639,14 +807,42 @@ impl Pool {
                 }
             }
         }
+        self.forget_retired();
         self.zones = zones;
         self.timeout = cfg.timeout;
         self.max_conn_queries = cfg.limits.max_upstream_conn_queries;
         Ok(Reloaded {
-            upstreams: self.upstreams.iter().filter(|u| u.role != Role::Retired).count(),
+            upstreams: self.upstreams.iter().filter(|(_, u)| u.role != Role::Retired).count(),
             zones: self.zones.len(),
         })
     }
+
+    /// Drop retired upstreams whose last connection has closed: alternating
+    /// reloads must not grow the table (or the metrics) without bound.
+    fn forget_retired(&mut self) {
+        let gone: Vec<usize> = self
+            .upstreams
+            .iter()
+            .filter(|(_, u)| u.role == Role::Retired && u.conns.is_empty())
+            .map(|(i, _)| i)
+            .collect();
+        for i in gone {
+            self.upstreams.remove(i);
+        }
+    }
+}
+
+fn warn_exhausted(reason: &CloseReason) {
+    // Rare and loud by nature: the accept side (the usual culprit) is
+    // already capped below the descriptor limit; debug keeps a flood quiet.
+    debug!("upstream connect: {reason} (local resources exhausted; not an upstream failure)");
+}
+
+/// The silence after an answer, with queries outstanding, that marks a
+/// server that does not pipeline.
+fn pipeline_check(srtt: Option<f64>, timeout: Duration) -> Duration {
+    let adaptive = Duration::from_secs_f64(srtt.unwrap_or(0.0).max(0.0) * 20.0);
+    adaptive.max(PIPELINE_CHECK_MIN).min(timeout / 3)
 }
 
 /// Capped exponential back-off for the `failures`-th failure in a row, up
@@ -675,6 +871,17 @@ fn zone_label(wire: Option<&Vec<u8>>) -> String {
     out
 }
 
+/// A digest of the CA file's contents (0 for the built-in roots).
+fn trust_digest(ca: Option<&std::path::Path>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let Some(path) = ca else { return 0 };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    // Unreadable now: build() has just read it, so this only races an
+    // edit; a different digest makes the next reload rebuild, no harm.
+    std::fs::read(path).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
 /// The upstreams of a configuration, and its zones.
 fn build(cfg: &Config) -> Result<(Vec<Upstream>, Vec<Vec<u8>>), String> {
     let shared = super::tls::client_config(cfg.ca_file.as_deref())?;
@@ -698,9 +905,12 @@ fn build(cfg: &Config) -> Result<(Vec<Upstream>, Vec<Vec<u8>>), String> {
             srtt: None,
             cfg: u.clone(),
             tls: super::tls::for_upstream(&shared, cfg.ca_file.as_deref(), u)?,
+            trust: trust_digest(u.ca_file.as_deref().or(cfg.ca_file.as_deref())),
             label: u.to_string(),
             conns: Vec::new(),
             health: Health::Up,
+            stalls: 0,
+            pipelining: Pipelining::Yes,
             stats: UpstreamStats::default(),
         });
     }
@@ -756,12 +966,11 @@ mod tests {
         assert_eq!(p.route(&name("a.eu.corp.example")), Role::Zone(0));
         let eu = p.choose_upstream(Role::Zone(0), None, Instant::now()).unwrap();
         assert_eq!(p.upstreams[eu].cfg.addr.to_string(), "192.0.2.3:853");
-        let corp = p
+        // The removed zone's upstream had no connection left: forgotten.
+        assert!(!p
             .upstreams
             .iter()
-            .find(|u| u.cfg.addr.to_string() == "192.0.2.2:853")
-            .unwrap();
-        assert_eq!(corp.role, Role::Retired);
+            .any(|(_, u)| u.cfg.addr.to_string() == "192.0.2.2:853"));
     }
 
     #[test]
@@ -823,13 +1032,44 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(r, Reloaded { upstreams: 2, zones: 0 });
-        assert_eq!(p.upstreams[0].role, Role::Retired);
+        // The removed one had no connections: gone at once.
+        assert_eq!(p.upstreams.len(), 2);
+        assert!(!p.upstreams.contains(0));
         assert_eq!(p.upstreams[1].stats.answers, 1);
         assert_eq!(p.upstreams[2].cfg.addr.to_string(), "192.0.2.9:853");
         // The retired one is never chosen, even when it is the only healthy one.
         p.upstream_failed(1, &"test", t0);
         p.upstream_failed(2, &"test", t0);
         assert_eq!(p.choose_upstream(Role::Default, None, t0), None);
+    }
+
+    #[test]
+    fn a_changed_ca_file_replaces_the_upstream() {
+        let dir = std::env::temp_dir().join(format!("dotproxy-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        let pem = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.self_signed(&key).unwrap().pem()
+        };
+        std::fs::write(&ca, pem()).unwrap();
+        let args = ["--upstream", "192.0.2.1#a.test", "--ca-file", ca.to_str().unwrap()];
+        let mut p = pool(&args);
+        p.observe(0, Duration::from_millis(3));
+        // Same file: the running upstream stays, counters and all.
+        p.reload(&config(&args)).unwrap();
+        assert_eq!(p.upstreams.iter().map(|(i, _)| i).collect::<Vec<_>>(), vec![0]);
+        // Same path, other contents (an operator removed a CA): a new
+        // upstream with the new trust; the old one, with no connections, is
+        // gone.
+        std::fs::write(&ca, pem()).unwrap();
+        p.reload(&config(&args)).unwrap();
+        let keys: Vec<usize> = p.upstreams.iter().map(|(i, _)| i).collect();
+        assert_eq!(keys, vec![1]);
+        assert_eq!(p.upstreams[1].stats.answers, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 use super::header::{CD, QR, RA, RD, TC};
 use super::{
-    field, hop_by_hop, options, put_u16, u16_at, Query, Rcode, MAX_UDP, OPT_EDE, OPT_PADDING, OPT_TCP_KEEPALIVE,
-    TYPE_OPT,
+    field, hop_by_hop, options, put_u16, u16_at, Query, Rcode, MAX_UDP, OPT_CLIENT_SUBNET, OPT_EDE, OPT_PADDING,
+    OPT_TCP_KEEPALIVE, TYPE_OPT,
 };
 
 /// The INFO-CODEs dotproxy attaches to its own answers (RFC 8914 §4).
@@ -155,7 +155,7 @@ pub fn pad_query(out: &mut Vec<u8>, msg: &[u8], info: &Query, block: u16, keepal
     let rdlen_at = out.len();
     out.extend_from_slice(&[0, 0]);
     for (code, data) in options(opts).flatten() {
-        if !hop_by_hop(code) {
+        if !hop_by_hop(code) && code != OPT_CLIENT_SUBNET {
             out.extend_from_slice(&code.to_be_bytes());
             out.extend_from_slice(&(data.len() as u16).to_be_bytes());
             out.extend_from_slice(data);

@@ -53,6 +53,9 @@ pub const OPT_TCP_KEEPALIVE: u16 = 11;
 pub const OPT_PADDING: u16 = 12;
 pub const OPT_EDE: u16 = 15;
 pub const OPT_COOKIE: u16 = 10;
+/// EDNS Client Subnet (RFC 7871): the client's network, never forwarded
+/// (privacy; and an answer for one subnet must not be cached for another).
+pub const OPT_CLIENT_SUBNET: u16 = 8;
 
 /// The UDP payload size dotproxy advertises in its own OPT records and the
 /// largest UDP answer it sends (DNS Flag Day 2020).

@@ -6,7 +6,8 @@
 use super::header::Header;
 use super::name::{read_name, Name};
 use super::{
-    field, options, u16_at, u32_at, Ede, EdeCode, Rcode, WireError, HEADER_LEN, TYPE_AXFR, TYPE_IXFR, TYPE_OPT,
+    field, options, u16_at, u32_at, Ede, EdeCode, Rcode, WireError, HEADER_LEN, OPT_CLIENT_SUBNET, TYPE_AXFR,
+    TYPE_IXFR, TYPE_OPT,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +114,9 @@ pub struct Query {
     pub edns: Option<Edns>,
     /// Where the query's OPT record is, if it has one.
     pub opt: Option<OptRecord>,
+    /// It carries an EDNS Client Subnet option (RFC 7871), which is removed
+    /// before it goes upstream.
+    pub client_subnet: bool,
     /// The question name in canonical form: for keys, zones and matching.
     name: Name,
 }
@@ -192,9 +196,13 @@ pub fn parse_query(msg: &[u8], max_len: usize) -> Result<Query, Reject> {
         return Err(formerr("trailing bytes"));
     }
     // RFC 6891 §6.1.2: options must fill the RDATA exactly.
+    let mut client_subnet = false;
     if let Some(o) = walked.opt {
-        if options(msg.get(o.rdata..o.end).unwrap_or_default()).any(|r| r.is_err()) {
-            return Err(formerr("OPT option runs past its record"));
+        for option in options(msg.get(o.rdata..o.end).unwrap_or_default()) {
+            match option {
+                Err(_) => return Err(formerr("OPT option runs past its record")),
+                Ok((code, _)) => client_subnet |= code == OPT_CLIENT_SUBNET,
+            }
         }
     }
     let query = Query {
@@ -206,6 +214,7 @@ pub fn parse_query(msg: &[u8], max_len: usize) -> Result<Query, Reject> {
         checking_disabled: header.checking_disabled(),
         edns: walked.opt.map(|o| o.edns),
         opt: walked.opt,
+        client_subnet,
         name,
     };
     if query.edns.is_some_and(|e| e.version != 0) {
@@ -251,8 +260,10 @@ impl Query {
 
     /// The key under which identical questions meet (the cache, merging):
     /// the canonical name, type and class, plus the bits that change the
-    /// answer: DO and CD, and whether the client spoke EDNS (an answer
-    /// carries an OPT exactly when the query did).
+    /// answer: DO and CD, RD (a resolver answers RD=0 from its cache only:
+    /// such an answer must not reach an RD=1 client), and whether the
+    /// client spoke EDNS (an answer carries an OPT exactly when the query
+    /// did). Client subnets never enter the key: they are not forwarded.
     pub fn key_into(&self, key: &mut Vec<u8>) {
         key.clear();
         key.extend_from_slice(self.name.as_bytes());
@@ -260,6 +271,11 @@ impl Query {
         key.extend_from_slice(&self.qclass.to_be_bytes());
         let edns = self.edns.is_some();
         let dnssec_ok = self.edns.is_some_and(|e| e.dnssec_ok);
-        key.push(u8::from(edns) | (u8::from(dnssec_ok) << 1) | (u8::from(self.checking_disabled) << 2));
+        key.push(
+            u8::from(edns)
+                | (u8::from(dnssec_ok) << 1)
+                | (u8::from(self.checking_disabled) << 2)
+                | (u8::from(self.recursion_desired) << 3),
+        );
     }
 }

@@ -50,7 +50,7 @@ fn c1_upstream_down_at_start_then_appears() {
     let t0 = Instant::now();
     let mut n = 0u16;
     while t0.elapsed() < Duration::from_millis(1200) {
-        let (m, took) = timed_udp(&p, &query_opt(0xC100 + n, "c1.example", OptSpec::new(1232)));
+        let (m, took) = timed_udp(&p, &query_opt(0xC100 + n, "c1.example", OptSpec::stub()));
         assert_servfail_ede(&m.expect("no answer"), 0xC100 + n, &[23], "down at start");
         assert!(took < Duration::from_millis(200), "SERVFAIL after {took:?}");
         n += 1;
@@ -146,11 +146,8 @@ fn c3_m4_slow_query_times_out_late_answer_dropped() {
     let (s, fds) = Setup::observed(script, 500, &[]);
     let slow = udp_socket();
     let t_slow = Instant::now();
-    slow.send_to(
-        &query_opt(0xC300, "slow.example", OptSpec::new(1232)),
-        s.proxy.udp_addr(),
-    )
-    .unwrap();
+    slow.send_to(&query_opt(0xC300, "slow.example", OptSpec::stub()), s.proxy.udp_addr())
+        .unwrap();
     for i in 1..4u16 {
         let name = format!("fast{i}.example");
         let (m, took) = timed_udp(&s.proxy, &query(0xC300 + i, &name));
@@ -208,7 +205,7 @@ fn silent_connection(warm_a: bool) {
     let s1 = udp_socket();
     let s3 = udp_socket();
     let t0 = Instant::now();
-    s1.send_to(&query_opt(0xC402, "first.example", OptSpec::new(1232)), p.udp_addr())
+    s1.send_to(&query_opt(0xC402, "first.example", OptSpec::stub()), p.udp_addr())
         .unwrap();
     // The stimulus: Q3 goes out 300 ms after Q1, well inside Q1's deadline,
     // so that when Q1's deadline comes the connection has been silent for
@@ -522,8 +519,11 @@ fn c12_server_closes_idle_connection() {
 
 /// C13: the server stops reading. The connection's queue is bounded by the
 /// per-connection cap (1 000); the excess goes to a new connection and is
-/// answered; the stuck ones fail by the deadline; memory stays bounded and
-/// every query gets exactly one answer.
+/// answered; at the first deadline the stuck connection counts as stalled
+/// and its queries are re-sent once (a single stalled connection does not
+/// mark the upstream down), so they are answered if their deadlines allow,
+/// else SERVFAIL; memory stays bounded and every query gets exactly one
+/// answer.
 #[test]
 fn c13_server_stops_reading() {
     let script =
@@ -551,7 +551,9 @@ fn c13_server_stops_reading() {
         rc.get(&RCODE_NOERROR).copied().unwrap_or(0) >= 400,
         "failover answered too few: {rc:?}"
     );
-    assert!(rc.get(&RCODE_SERVFAIL).copied().unwrap_or(0) >= 900, "{rc:?}");
+    let servfail = rc.get(&RCODE_SERVFAIL).copied().unwrap_or(0);
+    assert!(servfail >= 1, "the first stuck query reaches its deadline: {rc:?}");
+    assert_eq!(rc.get(&RCODE_NOERROR).copied().unwrap_or(0) + servfail, 1500, "{rc:?}");
     let hwm = s.proxy.vm_hwm_kb();
     assert!(hwm < 64 * 1024, "VmHWM {hwm} kB");
     quiescent(&s.proxy, fds);
@@ -672,7 +674,7 @@ fn m1_unknown_id_dropped_query_times_out() {
         })
     });
     let (s, fds) = Setup::observed(script, 500, &[]);
-    let (m, took) = timed_udp(&s.proxy, &query_opt(0xE100, "stray.example", OptSpec::new(1232)));
+    let (m, took) = timed_udp(&s.proxy, &query_opt(0xE100, "stray.example", OptSpec::stub()));
     assert_servfail_ede(&m.expect("nothing"), 0xE100, &[22], "stray");
     assert!(took >= Duration::from_millis(400), "{took:?}");
     let m = s.proxy.metrics();
@@ -699,7 +701,7 @@ fn m2_wrong_question_dropped() {
     let (s, fds) = Setup::observed(script, 500, &[]);
     let (r, _) = timed_udp_raw(&s.proxy, &query(0xE200, "then-right.example"));
     assert_default_answer(&r.expect("nothing"), 0xE200, "then-right.example");
-    let (m, _) = timed_udp(&s.proxy, &query_opt(0xE201, "only-wrong.example", OptSpec::new(1232)));
+    let (m, _) = timed_udp(&s.proxy, &query_opt(0xE201, "only-wrong.example", OptSpec::stub()));
     assert_servfail_ede(&m.expect("nothing"), 0xE201, &[22], "only wrong");
     let m = s.proxy.metrics();
     assert_eq!(m.upstream_dropped("wrong_question"), 2.0);
@@ -748,7 +750,7 @@ fn m5_malformed_body_servfail_connection_kept() {
     let (s, fds) = Setup::observed(script, 2000, &[]);
     for (i, name) in ["badlabel.example", "pastend.example"].into_iter().enumerate() {
         let id = 0xE500 + i as u16;
-        let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::new(1232)));
+        let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::stub()));
         assert_servfail_ede(&m.expect("nothing"), id, &[0], name);
         assert!(took < Duration::from_millis(300), "{name}: {took:?}");
     }
@@ -937,7 +939,7 @@ fn m10_compression_loops_chains_and_long_names() {
         .enumerate()
     {
         let id = 0xEA00 + i as u16;
-        let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::new(1232)));
+        let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::stub()));
         assert_servfail_ede(&m.expect("nothing"), id, &[0], name);
         assert!(took < Duration::from_millis(300), "{name}: {took:?}");
     }
@@ -969,9 +971,9 @@ fn m11_opt_abuse_in_answers() {
         Some(vec![Action::Send(msg)])
     });
     let (s, fds) = Setup::observed(script, 2000, &[]);
-    let (m, _) = timed_udp(&s.proxy, &query_opt(0xEB00, "twoopt.example", OptSpec::new(1232)));
+    let (m, _) = timed_udp(&s.proxy, &query_opt(0xEB00, "twoopt.example", OptSpec::stub()));
     assert_servfail_ede(&m.expect("nothing"), 0xEB00, &[0], "two OPTs");
-    let (m, took) = timed_udp(&s.proxy, &query_opt(0xEB01, "manyopt.example", OptSpec::new(1232)));
+    let (m, took) = timed_udp(&s.proxy, &query_opt(0xEB01, "manyopt.example", OptSpec::stub()));
     let m = m.expect("nothing");
     assert!(took < Duration::from_millis(300), "{took:?}");
     assert_eq!(m.rcode, RCODE_NOERROR);
@@ -1080,7 +1082,7 @@ fn m14_header_only_answers() {
         assert!(took < Duration::from_millis(300), "{name}: {took:?}");
     }
     for (id, name) in [(0xEE02u16, "noerror.example"), (0xEE03, "nxdomain.example")] {
-        let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::new(1232)));
+        let (m, took) = timed_udp(&s.proxy, &query_opt(id, name, OptSpec::stub()));
         assert_servfail_ede(&m.expect("nothing"), id, &[22], name);
         assert!(took >= Duration::from_millis(400), "{name}: {took:?}");
     }

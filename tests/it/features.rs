@@ -354,37 +354,73 @@ fn tcp_query_quota_per_connection() {
     assert_eq!(up.query_count(), 5);
 }
 
-/// T16: `--max-tcp-clients-per-ip 3`: a fourth connection from the same
-/// address is closed at once, another address is still served, and a freed
-/// slot is usable again.
+/// T16: `--max-tcp-clients-per-ip 3` (loopback counted, not exempt): with
+/// three connections from one address each waiting for an answer, a fourth
+/// from that address is closed at once while another address is served;
+/// once the three are idle, a newcomer evicts the one idle longest instead
+/// of being refused (RFC 7766 §6.2.3).
 #[test]
 fn tcp_connections_limited_per_address() {
     use crate::util::client::TcpEvent;
     let ca = TestCa::new();
-    let up = TestUpstream::for_name(&ca, NAME, Script::default());
-    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &["--max-tcp-clients-per-ip", "3"]);
+    let hold = Script::default().with_hook(|ctx| {
+        crate::util::upstream::first_label_starts_with(ctx.query, "hold").then(|| {
+            vec![
+                crate::util::Action::Delay(Duration::from_millis(700)),
+                crate::util::Action::Answer,
+            ]
+        })
+    });
+    let up = TestUpstream::for_name(&ca, NAME, hold);
+    let args = ["--max-tcp-clients-per-ip", "3", "--per-ip-exempt", "none"];
+    let proxy = TestProxy::for_upstream(&ca, &up, NAME, 2000, &args);
     let mut held: Vec<_> = (0..3)
         .map(|_| crate::util::TcpClient::connect(proxy.tcp_addr()))
         .collect();
     for (i, c) in held.iter_mut().enumerate() {
-        let r = c.exchange(&query(i as u16, "held.example"), deadline_ms(3000));
-        assert_default_answer(&r.expect("held connection served"), i as u16, "held.example");
+        c.send(&query(i as u16, "hold.example"));
     }
+    assert!(up.wait_until(deadline_ms(2000), |s| s.queries.len() == 3));
     let mut extra = crate::util::TcpClient::connect(proxy.tcp_addr());
     extra.send(&query(9, "extra.example"));
-    assert!(matches!(
-        extra.next_event(deadline_ms(3000)),
-        TcpEvent::Closed { .. } | TcpEvent::Error(_)
-    ));
+    assert!(
+        matches!(
+            extra.next_event(deadline_ms(3000)),
+            TcpEvent::Closed { .. } | TcpEvent::Error(_)
+        ),
+        "a fourth connection was admitted while the three were busy"
+    );
     let other = crate::util::net::tcp_connect_from("127.0.0.2".parse().unwrap(), proxy.tcp_addr()).expect("connect");
     let mut other = crate::util::TcpClient::from_stream(other);
     let r = other.exchange(&query(10, "other.example"), deadline_ms(3000));
     assert_default_answer(&r.expect("another address served"), 10, "other.example");
-    drop(held.pop());
-    let ok = crate::util::client::wait_until(deadline_ms(3000), || {
-        crate::util::tcp_exchange(proxy.tcp_addr(), &query(11, "again.example"), deadline_ms(500)).is_some()
-    });
-    assert!(ok, "a freed slot was not usable again");
+    // The three get their answers and are idle from then on; held[0]
+    // answered first, so it has been idle longest.
+    for (i, c) in held.iter_mut().enumerate() {
+        match c.next_event(deadline_ms(3000)) {
+            TcpEvent::Frame(f) => {
+                assert_default_answer(&f, i as u16, "hold.example");
+            }
+            e => panic!("held {i}: {e:?}"),
+        }
+    }
+    let mut newcomer = crate::util::TcpClient::connect(proxy.tcp_addr());
+    let r = newcomer.exchange(&query(11, "again.example"), deadline_ms(3000));
+    assert_default_answer(
+        &r.expect("newcomer served by evicting an idle one"),
+        11,
+        "again.example",
+    );
+    let mut evicted = 0;
+    for c in held.iter_mut() {
+        if matches!(
+            c.next_event(deadline_ms(500)),
+            TcpEvent::Closed { .. } | TcpEvent::Error(_)
+        ) {
+            evicted += 1;
+        }
+    }
+    assert_eq!(evicted, 1, "exactly one idle connection makes room");
 }
 
 /// C14: `--max-upstream-conn-queries 10`: connections are rotated after ten

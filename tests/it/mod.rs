@@ -13,6 +13,8 @@ mod fault_tcp;
 mod fault_tls;
 mod fault_upstream;
 mod features;
+mod hardening_clients;
+mod hardening_upstreams;
 mod harness;
 mod malformed;
 mod pipelining;

@@ -50,8 +50,22 @@ impl TestProxy {
     pub fn try_start(args: &[&str]) -> Result<TestProxy, String> {
         let mut full: Vec<&str> = vec!["--listen", "127.0.0.1:0", "--log-level", "debug"];
         full.extend_from_slice(args);
+        TestProxy::try_start_exact(&full)
+    }
+
+    /// Like [`start`](Self::start) with exactly `args`, nothing added: a
+    /// `--config` file can then set `listen` (e.g. 127.0.0.1:0) and
+    /// `log-level` itself (the command line's would win over the file's).
+    pub fn start_exact(args: &[&str]) -> TestProxy {
+        match TestProxy::try_start_exact(args) {
+            Ok(p) => p,
+            Err(e) => panic!("proxy did not start: {e}"),
+        }
+    }
+
+    pub fn try_start_exact(full: &[&str]) -> Result<TestProxy, String> {
         let mut child = Command::new(proxy_bin())
-            .args(&full)
+            .args(full)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

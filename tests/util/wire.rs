@@ -42,6 +42,14 @@ impl OptSpec {
         }
     }
 
+    /// The OPT a real stub sends (dig, kdig, systemd-resolved): 1232 and a
+    /// client cookie (RFC 7873). The cookie leaves room for an Extended DNS
+    /// Error code in the proxy's own UDP answers, which are never larger
+    /// than the query (the EDE text needs TCP or more room).
+    pub fn stub() -> OptSpec {
+        OptSpec::new(1232).option(OPT_COOKIE, &[0x5a; 8])
+    }
+
     pub fn option(mut self, code: u16, data: &[u8]) -> OptSpec {
         self.options.push((code, data.to_vec()));
         self
