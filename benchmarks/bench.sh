@@ -35,39 +35,20 @@
 # EXIT trap; the network namespace disappears with them.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+HERE=$(dirname "$(readlink -f "$0")")
 ROOT=$(cd "$HERE/.." && pwd)
-# shellcheck source=scripts/lib/dot-certs.sh
-. "$ROOT/scripts/lib/dot-certs.sh"
-
-die() {
-    echo "bench: error: $*" >&2
-    exit 2
-}
+# shellcheck source=scripts/lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+DIE_PREFIX="bench: "
+REQUIRE_HINT="run benchmarks/install.sh"
 
 # ---------------------------------------------------------------- re-exec
-if [ "${BENCH_IN_NETNS:-}" != 1 ]; then
-    [ "$(id -u)" = 0 ] || die "run as root (needs unshare -n)"
-    for tool in unshare ip; do
-        command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found; run benchmarks/install.sh"
-    done
-    # the exact command, for the report
-    cmdline=""
-    for v in DOTPROXY BENCH_SECONDS BENCH_ROUNDS BENCH_QUICK BENCH_CACHE BENCH_LATENCY_ALL \
-        BENCH_LOW_CLIENTS BENCH_TIMEOUT BENCH_NAMES BENCH_KEEP BENCH_OUT; do
-        if [ -n "${!v:-}" ]; then cmdline+="$v=${!v} "; fi
-    done
-    cmdline+="$0"
-    for a in "$@"; do cmdline+=" $a"; done
-    export BENCH_CMDLINE=$cmdline
-    export BENCH_T0=$(date +%s)
-    exec unshare --net env BENCH_IN_NETNS=1 bash "$0" "$@"
-fi
+# as root, in a private network namespace with only loopback (up)
+netns_reexec BENCH DOTPROXY BENCH_SECONDS BENCH_ROUNDS BENCH_QUICK BENCH_CACHE \
+    BENCH_LATENCY_ALL BENCH_LOW_CLIENTS BENCH_TIMEOUT BENCH_NAMES BENCH_KEEP BENCH_OUT -- "$@"
 
 # ---------------------------------------------------------------- settings
 cd "$ROOT"
-DOTPROXY=${DOTPROXY:-target/release/dotproxy}
-case $DOTPROXY in /*) ;; *) DOTPROXY=$ROOT/$DOTPROXY ;; esac
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
     SECONDS_RUN=${BENCH_SECONDS:-3}
     ROUNDS=${BENCH_ROUNDS:-1}
@@ -78,7 +59,7 @@ fi
 TIMEOUT=${BENCH_TIMEOUT:-2}
 NAMES=${BENCH_NAMES:-5000}
 OUT=${BENCH_OUT:-$HERE/results}
-case $OUT in /*) ;; *) OUT=$ROOT/$OUT ;; esac
+abs_path OUT
 CLIENTS=10
 LOW_QPS=2000
 # one client for the low-load latency runs: with -c 10 dnsperf's own DoT
@@ -86,120 +67,43 @@ LOW_QPS=2000
 LOW_CLIENTS=${BENCH_LOW_CLIENTS:-1}
 CLK_TCK=$(getconf CLK_TCK)
 
-for tool in unbound stubby dnsdist dnsperf openssl python3 gnuplot ss ps timeout; do
-    command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found; run benchmarks/install.sh"
-done
-[ -x "$DOTPROXY" ] || die "$DOTPROXY is not an executable (cargo build --release, or set DOTPROXY)"
-
-# only loopback in here, and it must be up
-ip link set lo up
-nlinks=$(ip -o link show | wc -l)
-[ "$nlinks" = 1 ] || die "expected only loopback in the private namespace, found $nlinks links"
+require_tools unbound unbound-checkconf stubby dnsdist dnsperf openssl python3 gnuplot ss ps timeout
+dotproxy_under_test
 
 WORK=$(mktemp -d /tmp/dotproxy-bench.XXXXXX)
 mkdir -p "$OUT" "$WORK/certs" "$WORK/generated" "$WORK/run/stubby-appdata" "$WORK/logs"
-# run a private copy: other people may rebuild target/release during the run
-DOTPROXY_SRC=$DOTPROXY
-DOTPROXY=$WORK/dotproxy
-cp "$DOTPROXY_SRC" "$DOTPROXY"
+private_dotproxy "$WORK"
 CSV_TMP=$WORK/runs.csv
-PIDS=()
 declare -A PID_OF PORT_OF FAILED_START IDLE_RSS RCVBUF
 NOTES=()
 
-log() { printf '==> %s\n' "$*"; }
-
-is_running() {
-    local st
-    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    case $st in Z*) return 1 ;; *) return 0 ;; esac
-}
-
-stop_pid() {
-    local pid=$1 i
-    is_running "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 30; i++)); do
-        is_running "$pid" || return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+bench_exit() {
     if [ "${BENCH_KEEP:-0}" = 1 ]; then
         echo "bench: work directory kept: $WORK"
     else
         rm -rf "$WORK"
     fi
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+at_exit stop_tracked 3
+at_exit bench_exit
 
 # ---------------------------------------------------------------- certs, zone
 log "work directory $WORK"
-make_dot_certs "$WORK/certs" "dotproxy bench CA" >"$WORK/logs/openssl.log" 2>&1 || {
-    cat "$WORK/logs/openssl.log" >&2
-    die "certificate generation failed"
-}
+run_or_die "$WORK/logs/openssl.log" "certificate generation failed" \
+    make_dot_certs "$WORK/certs" "dotproxy bench CA"
 python3 "$HERE/benchlib.py" zone "$WORK/generated" "$NAMES" | sed 's/^/    /'
 QUERIES=$WORK/generated/queries.txt
 
 # ---------------------------------------------------------------- configs
 # Adapted from the reference peer configurations (shared/peers/); paths are
 # relative to $WORK, the daemons' working directory.
-cat >"$WORK/upstream.conf" <<'EOF'
-# DoT upstream: one thread, local data only (bench.test), never recurses.
-server:
-    username: ""
-    chroot: ""
-    directory: ""
-    pidfile: ""
-    use-syslog: no
-    logfile: ""
-    verbosity: 0
-    log-queries: no
-    num-threads: 1
-    interface: 127.0.0.1@5300
-    interface: 127.0.0.1@8853
-    port: 5300
-    tls-port: 8853
-    tls-service-key: "certs/server.key"
-    tls-service-pem: "certs/server-chain.pem"
-    do-ip4: yes
-    do-ip6: no
-    do-udp: yes
-    do-tcp: yes
-    so-reuseport: yes
-    so-rcvbuf: 8m
-    so-sndbuf: 8m
-    incoming-num-tcp: 2000
-    tcp-idle-timeout: 120000
-    edns-tcp-keepalive: yes
-    edns-tcp-keepalive-timeout: 120000
-    stream-wait-size: 64m
-    ratelimit: 0
-    ip-ratelimit: 0
-    access-control: 127.0.0.0/8 allow
-    max-udp-size: 1232
-    edns-buffer-size: 1232
-    module-config: "iterator"
-    outgoing-range: 16
-    outgoing-num-tcp: 0
-    do-not-query-localhost: yes
-    local-zone: "." static
-    local-zone: "bench.test." static
-    include: "generated/bench.test.conf"
-    statistics-interval: 0
-remote-control:
-    control-enable: no
-EOF
+unbound_conf --comment "DoT upstream: one thread, local data only (bench.test), never recurses." \
+    --plain 5300 --dot 8853 certs/server.key certs/server-chain.pem \
+    --include generated/bench.test.conf \
+    --set "verbosity: 0" --set "so-reuseport: yes" --set "so-rcvbuf: 8m" --set "so-sndbuf: 8m" \
+    --set "incoming-num-tcp: 2000" --set "tcp-idle-timeout: 120000" \
+    --set "edns-tcp-keepalive-timeout: 120000" --set "stream-wait-size: 64m" \
+    >"$WORK/upstream.conf"
 
 cat >"$WORK/stubby.yml" <<'EOF'
 resolution_type: GETDNS_RESOLUTION_STUB
@@ -253,53 +157,17 @@ dnsdist_conf 5306 "
 dnsdist_conf 5304 "" 'pc = newPacketCache(100000, {maxTTL = 86400, minTTL = 0, temporaryFailureTTL = 60, staleTTL = 60, dontAge = false})
 getPool(""):setCache(pc)' >"$WORK/dnsdist-cache.conf"
 
-# unbound_fwd_conf PORT NO_CACHE(yes|no)
+# unbound_fwd_conf PORT NO_CACHE(yes|no): unbound as a forwarder to the upstream
 unbound_fwd_conf() {
-    cat <<EOF
-server:
-    username: ""
-    chroot: ""
-    directory: ""
-    pidfile: ""
-    use-syslog: no
-    logfile: ""
-    verbosity: 0
-    num-threads: 1
-    interface: 127.0.0.1@$1
-    port: $1
-    do-ip4: yes
-    do-ip6: no
-    do-udp: yes
-    do-tcp: yes
-    access-control: 127.0.0.0/8 allow
-    incoming-num-tcp: 1000
-    so-rcvbuf: 4m
-    so-sndbuf: 4m
-    tls-cert-bundle: "certs/ca.pem"
-    module-config: "iterator"
-    do-not-query-localhost: no
-    # RFC 6761 default local zone "test." would answer bench.test itself
-    local-zone: "test." nodefault
-    outgoing-num-tcp: 64
-    max-reuse-tcp-queries: 1000000
-    tcp-reuse-timeout: 60000
-    prefetch: no
-remote-control:
-    control-enable: no
-forward-zone:
-    name: "."
-    forward-addr: 127.0.0.1@8853#dot.test
-    forward-tls-upstream: yes
-    forward-first: no
-    forward-no-cache: $2
-EOF
+    unbound_conf --plain "$1" --forward 127.0.0.1@8853#dot.test certs/ca.pem --forward-no-cache "$2" \
+        --set "verbosity: 0" --set "incoming-num-tcp: 1000" --set "so-rcvbuf: 4m" --set "so-sndbuf: 4m" \
+        --set "outgoing-num-tcp: 64" --set "tcp-reuse-timeout: 60000"
 }
 unbound_fwd_conf 5303 yes >"$WORK/unbound-fwd.conf"
 unbound_fwd_conf 5305 no >"$WORK/unbound-fwd-cache.conf"
 
 for f in upstream unbound-fwd unbound-fwd-cache; do
-    (cd "$WORK" && unbound-checkconf "$f.conf") >"$WORK/logs/checkconf-$f.log" 2>&1 ||
-        { cat "$WORK/logs/checkconf-$f.log" >&2; die "unbound-checkconf rejected $f.conf"; }
+    unbound_checkconf "$f.conf" "$WORK"
 done
 
 # ---------------------------------------------------------------- targets
@@ -339,34 +207,16 @@ start_target() {
     esac
     (cd "$WORK" && exec "${cmd[@]}") >"$WORK/logs/$name.log" 2>&1 &
     PID_OF[$name]=$!
-    PIDS+=("$!")
+    track "$!"
     echo "${cmd[*]}" >"$WORK/logs/$name.cmd"
 }
 
 # wait_ready NAME PORT: a probe over UDP and one over TCP answer NOERROR
+# (within 15 s)
 wait_ready() {
-    local name=$1 port=$2 i
-    for ((i = 0; i < 60; i++)); do
-        is_running "${PID_OF[$name]}" || return 1
-        if python3 "$HERE/benchlib.py" probe "$port" h00001.bench.test udp &&
-            python3 "$HERE/benchlib.py" probe "$port" h00001.bench.test tcp; then
-            return 0
-        fi
-        sleep 0.25
-    done
-    return 1
+    wait_until "${PID_OF[$1]}" 15 0.25 python3 "$HERE/benchlib.py" probe "$2" h00001.bench.test udp tcp
 }
 
-proc_status() { # proc_status PID FIELD -> value (kB for Vm*), empty if gone
-    sed -n "s/^$2:[[:space:]]*\([0-9]*\).*/\1/p" "/proc/$1/status" 2>/dev/null || true
-}
-cpu_ticks() { # utime+stime of the whole process (all threads)
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-    s=${s##*) }
-    set -- $s
-    echo $((${12} + ${13}))
-}
 sys_busy_ticks() { # busy ticks of all CPUs from /proc/stat
     local _cpu user nice system idle iowait irq softirq steal rest
     read -r _cpu user nice system idle iowait irq softirq steal rest </proc/stat
@@ -539,20 +389,17 @@ cp "$CSV_TMP" "$OUT/latest.csv"
 order=$(IFS=,; echo "${ALL_ORDER[*]}")
 TABLES=$(python3 "$HERE/benchlib.py" report "$OUT/latest.csv" "$WORK" "$order" "$LOW_QPS")
 
-ver_unbound=$(unbound -V 2>/dev/null | sed -n 's/^Version //p')
+ver_unbound=$(unbound_version)
 ver_stubby="$(stubby -V 2>&1 | head -n 1) (getdns $(dpkg-query -W -f '${Version}' libgetdns10 2>/dev/null || echo '?'))"
 ver_dnsdist=$(dnsdist --version 2>/dev/null | head -n 1)
-ver_dnsperf=$(dnsperf -h 2>&1 | sed -n 's/^Version //p' | head -n 1)
+ver_dnsperf=$(dnsperf_version)
 ver_dotproxy=$("$DOTPROXY" --version 2>/dev/null | head -n 1 || echo '?')
 ver_openssl=$(openssl version)
-git_rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')
-git_dirty=$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null || true)
-[ -n "$git_dirty" ] && git_dirty=" (with uncommitted changes in src/ or Cargo.*)"
 bin_size=$(stat -c %s "$DOTPROXY")
 bin_sha=$(sha256sum "$DOTPROXY" | cut -c1-12)
 bin_stripped=$(file -b "$DOTPROXY" 2>/dev/null || true)
 case $bin_stripped in *"not stripped"*) bin_stripped="not stripped" ;; *stripped*) bin_stripped=stripped ;; *) bin_stripped="" ;; esac
-cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+cpu_model=$(cpu_model)
 mem_total=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
 elapsed=$(($(date +%s) - ${BENCH_T0:-$(date +%s)}))
 
@@ -612,7 +459,7 @@ EOF
     echo
     echo "## Versions"
     echo
-    echo "- dotproxy: $ver_dotproxy, git $git_rev$git_dirty, binary \`${DOTPROXY_SRC#"$ROOT"/}\` $bin_size bytes ($(awk -v b="$bin_size" 'BEGIN {printf "%.2f MiB", b / 1048576}')${bin_stripped:+, $bin_stripped}, sha256 $bin_sha…), copied to the work directory at the start"
+    echo "- dotproxy: $ver_dotproxy, git $(git_state), binary \`${DOTPROXY_SRC#"$ROOT"/}\` $bin_size bytes ($(awk -v b="$bin_size" 'BEGIN {printf "%.2f MiB", b / 1048576}')${bin_stripped:+, $bin_stripped}, sha256 $bin_sha…), copied to the work directory at the start"
     echo "- unbound $ver_unbound (upstream and forwarder)"
     echo "- $ver_stubby"
     echo "- $ver_dnsdist"

@@ -9,11 +9,10 @@
 # started by the install: a temporary policy-rc.d forbids it (the benchmark
 # starts its own instances inside a private network namespace).
 set -euo pipefail
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "$(readlink -f "$0")")/../scripts/lib/common.sh"
 
-if [ "$(id -u)" != 0 ]; then
-    echo "error: run as root (apt-get install)" >&2
-    exit 2
-fi
+[ "$(id -u)" = 0 ] || die "run as root (apt-get install)"
 
 # package -> a command it provides (to tell whether it is installed)
 declare -A CHECK=(
@@ -44,20 +43,11 @@ if [ "${#missing[@]}" -eq 0 ]; then
 fi
 
 echo "install.sh: installing ${missing[*]}"
-created_policy=0
 if [ ! -e /usr/sbin/policy-rc.d ]; then
+    at_exit rm -f /usr/sbin/policy-rc.d
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
-    created_policy=1
 fi
-cleanup() {
-    if [ "$created_policy" = 1 ]; then
-        rm -f /usr/sbin/policy-rc.d
-    fi
-}
-trap cleanup EXIT
 
-export DEBIAN_FRONTEND=noninteractive
-apt-get -o DPkg::Lock::Timeout=600 update -qq
-apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
+apt_install -qq "${missing[@]}"
 echo "install.sh: done"

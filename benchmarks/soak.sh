@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
 # Soak test of dotproxy: long steady load while the DoT upstream is restarted
-# again and again, all on loopback in a private network namespace:
+# again and again, with hostile actors in the mix, all on loopback in a
+# private network namespace:
 #
-#   dnsperf -m udp (-Q 5000) --+
-#   dnsperf -m tcp (-Q 1000) --+--> dotproxy --DoT (verified, dot.test)--> unbound
-#                                                                (restarted every 30 s)
+#   dnsperf -m udp (-Q 5000) --+                  +--DoT--> unbound :8853 (restarted every 30 s)
+#   dnsperf -m tcp (-Q 1000) --+                  |            ^ plain :5300
+#   burst client (np zone) ----+                  |            |
+#   slow reader (TCP) ---------+--> dotproxy -----+            |
+#   slowloris (50 conns) ------+                  +--DoT--> dnsdist :8854 (np.soak.test:
+#                                                                does not pipeline)
 #
 # Checks the claim "no query is ever lost, and memory and file descriptors
-# stay flat": every query dnsperf sends must get an answer within dnsperf's
-# timeout (SERVFAIL counts as an answer: some are expected while the upstream
-# is down), the proxy's VmRSS must not grow by 1 MiB or more after the first
-# minute, and its open fds by no more than 4.
+# stay flat": every honest query (dnsperf's, and with the actors the burst
+# client's) must get an answer within dnsperf's timeout (SERVFAIL counts as
+# an answer: some are expected while the upstream is down), the proxy's VmRSS must not grow by 1 MiB or more after the first
+# minute, and its open fds by no more than 4 (with the actors: its fds other
+# than client and upstream connections, whose number the actors vary; those
+# must stay within what the clients hold).
 #
-# Usage (as root, from anywhere):   benchmarks/soak.sh        (or: just soak)
+# The hostile actors (on by default; SOAK_ACTORS=0 or --no-actors for the
+# plain soak): a TCP client that pipelines queries for TXT answers of ~3.3 kB
+# (cached) and reads slowly, always 100-400 KiB unread, stalling now and then
+# until the proxy closes it; 50 connections that send one byte of a length
+# prefix and nothing else (replaced when closed); and a zone, np.soak.test,
+# forwarded to dnsdist 1.7 with its default DoT frontend, which handles one
+# query of a connection at a time (queries that came in the same TLS record
+# wait until another record arrives). Honest queries for that zone come from
+# a client of its own in bursts of 4, 1 s on and 1 s off: a steady stream
+# (dnsperf's) would keep such a server going and hide it. Honest records
+# then have TTL 0, so the cache keeps only the slow reader's.
+#
+# Usage (as root, from anywhere):   benchmarks/soak.sh [--short] [--no-actors]
+#                                   (or: just soak --short)
+#   --short                the short mode: SOAK_SHORT=1
+#   --no-actors            SOAK_ACTORS=0
 # Environment:
 #   DOTPROXY=path          binary under test (default target/release/dotproxy;
 #                          copied to the work directory at the start)
@@ -28,6 +49,22 @@
 #   SOAK_PROXY_ARGS="..."  extra arguments for the proxy (word-split)
 #   SOAK_KEEP=1            keep the work directory (kept anyway on FAIL)
 #   SOAK_OUT=dir           results directory (default benchmarks/results)
+#   SOAK_SHORT=1           short mode: SOAK_SECONDS defaults to 150
+#   SOAK_ACTORS=1          the hostile actors (1|0)
+#   SOAK_SLOWLORIS=50      slowloris connections held at a time
+#   SOAK_SLOW_READ_KIBPS=100  the slow reader's read rate
+#   SOAK_SLOW_STALL_EVERY=60  the slow reader stalls every this many s (0: never)
+#   SOAK_NP_PERCENT=0      share of dnsperf's query file under np.soak.test
+#   SOAK_TCP_IDLE_MS=10000 the proxy's --tcp-idle-timeout (with the actors)
+#   SOAK_CACHE_SIZE=1000   the proxy's --cache-size (with the actors)
+#   SOAK_NP_BURST_QPS=80   honest queries for np.soak.test over one TCP
+#                          connection, in bursts of 4, this rate for 1 s,
+#                          then 1 s quiet (with the actors)
+#   SOAK_TCP_WMEM_MAX=131072  net.ipv4.tcp_wmem's maximum in the private
+#                          namespace (with the actors; 0: the kernel's): on
+#                          loopback the kernel would otherwise hold the slow
+#                          reader's whole backlog, and the proxy's limits on
+#                          its own buffers would never be reached
 #
 # Writes OUT/soak.csv (one row per sample) and OUT/soak.md (summary and
 # verdict); exits 0 on PASS, 1 on FAIL, 2 on a set-up error. Every process
@@ -35,41 +72,35 @@
 # disappears with them.
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+HERE=$(dirname "$(readlink -f "$0")")
 ROOT=$(cd "$HERE/.." && pwd)
-# shellcheck source=scripts/lib/dot-certs.sh
-. "$ROOT/scripts/lib/dot-certs.sh"
+# shellcheck source=scripts/lib/bench.sh
+. "$ROOT/scripts/lib/bench.sh"
+DIE_PREFIX="soak: "
+LOG_TIMES=1
 
-die() {
-    echo "soak: error: $*" >&2
-    exit 2
-}
+for a in "$@"; do
+    case $a in
+        --short) ARG_SHORT=1 ;;
+        --no-actors) ARG_ACTORS=0 ;;
+        --actors) ARG_ACTORS=1 ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$a' (see --help)" ;;
+    esac
+done
 
 # ---------------------------------------------------------------- re-exec
-if [ "${SOAK_IN_NETNS:-}" != 1 ]; then
-    [ "$(id -u)" = 0 ] || die "run as root (needs unshare -n)"
-    for tool in unshare ip; do
-        command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found"
-    done
-    cmdline=""
-    for v in DOTPROXY SOAK_SECONDS SOAK_RESTART_EVERY SOAK_SAMPLE_EVERY SOAK_UDP_QPS \
-        SOAK_UDP_CLIENTS SOAK_TCP_QPS SOAK_TCP_CLIENTS SOAK_TIMEOUT SOAK_NAMES \
-        SOAK_UPSTREAM_KEEPALIVE SOAK_LOG_LEVEL SOAK_PROXY_ARGS SOAK_KEEP SOAK_OUT; do
-        if [ -n "${!v:-}" ]; then cmdline+="$v=${!v} "; fi
-    done
-    cmdline+="$0"
-    for a in "$@"; do cmdline+=" $a"; done
-    export SOAK_CMDLINE=$cmdline
-    SOAK_T_START=$(date +%s)
-    export SOAK_T_START
-    exec unshare --net env SOAK_IN_NETNS=1 bash "$0" "$@"
-fi
+# as root, in a private network namespace with only loopback (up)
+netns_reexec SOAK DOTPROXY SOAK_SECONDS SOAK_RESTART_EVERY SOAK_SAMPLE_EVERY SOAK_UDP_QPS \
+    SOAK_UDP_CLIENTS SOAK_TCP_QPS SOAK_TCP_CLIENTS SOAK_TIMEOUT SOAK_NAMES \
+    SOAK_UPSTREAM_KEEPALIVE SOAK_LOG_LEVEL SOAK_PROXY_ARGS SOAK_KEEP SOAK_OUT SOAK_SHORT \
+    SOAK_ACTORS SOAK_SLOWLORIS SOAK_SLOW_READ_KIBPS SOAK_SLOW_STALL_EVERY SOAK_NP_PERCENT \
+    SOAK_TCP_IDLE_MS SOAK_CACHE_SIZE SOAK_NP_BURST_QPS SOAK_TCP_WMEM_MAX -- "$@"
 
 # ---------------------------------------------------------------- settings
 cd "$ROOT"
-DOTPROXY=${DOTPROXY:-target/release/dotproxy}
-case $DOTPROXY in /*) ;; *) DOTPROXY=$ROOT/$DOTPROXY ;; esac
-SECS=${SOAK_SECONDS:-600}
+SHORT=${ARG_SHORT:-${SOAK_SHORT:-0}}
+if [ "$SHORT" = 1 ]; then SECS=${SOAK_SECONDS:-150}; else SECS=${SOAK_SECONDS:-600}; fi
 EVERY=${SOAK_RESTART_EVERY:-30}
 SAMPLE_EVERY=${SOAK_SAMPLE_EVERY:-10}
 UDP_QPS=${SOAK_UDP_QPS:-5000}
@@ -82,156 +113,90 @@ LOG_LEVEL=${SOAK_LOG_LEVEL:-info}
 KEEPALIVE=${SOAK_UPSTREAM_KEEPALIVE:-yes}
 case $KEEPALIVE in yes | no) ;; *) die "SOAK_UPSTREAM_KEEPALIVE must be yes or no" ;; esac
 OUT=${SOAK_OUT:-$HERE/results}
-case $OUT in /*) ;; *) OUT=$ROOT/$OUT ;; esac
-for v in SECS EVERY SAMPLE_EVERY UDP_QPS UDP_CLIENTS TCP_QPS TCP_CLIENTS DP_TIMEOUT NAMES; do
+abs_path OUT
+ACTORS=${ARG_ACTORS:-${SOAK_ACTORS:-1}}
+case $ACTORS in 1 | 0) ;; *) die "SOAK_ACTORS must be 1 or 0" ;; esac
+SLOWLORIS=${SOAK_SLOWLORIS:-50}
+SLOW_KIBPS=${SOAK_SLOW_READ_KIBPS:-100}
+STALL_EVERY=${SOAK_SLOW_STALL_EVERY:-60}
+NP_PERCENT=${SOAK_NP_PERCENT:-0}
+IDLE_MS=${SOAK_TCP_IDLE_MS:-10000}
+CACHE_SIZE=${SOAK_CACHE_SIZE:-1000}
+BURST_QPS=${SOAK_NP_BURST_QPS:-80}
+WMEM_MAX=${SOAK_TCP_WMEM_MAX:-131072}
+for v in SECS EVERY SAMPLE_EVERY UDP_QPS UDP_CLIENTS TCP_QPS TCP_CLIENTS DP_TIMEOUT NAMES \
+    SLOWLORIS SLOW_KIBPS IDLE_MS CACHE_SIZE BURST_QPS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
+[[ $STALL_EVERY =~ ^[0-9]+$ ]] || die "STALL_EVERY must be a number of seconds (got '$STALL_EVERY')"
+[[ $NP_PERCENT =~ ^[0-9]+$ ]] || die "NP_PERCENT must be a number (got '$NP_PERCENT')"
+[[ $WMEM_MAX =~ ^[0-9]+$ ]] || die "WMEM_MAX must be a number of bytes (got '$WMEM_MAX')"
+[ "$NP_PERCENT" -lt 50 ] || die "NP_PERCENT must be below 50"
 read -r -a PROXY_EXTRA <<<"${SOAK_PROXY_ARGS:-}"
 
 PLAIN_PORT=5300   # upstream, plain DNS (readiness probe only)
 DOT_PORT=8853     # upstream, DoT
 PROXY_PORT=5310
 METRICS_PORT=9310
+NP_DOT_PORT=8854  # dnsdist, DoT frontend (the upstream that does not pipeline)
+NP_PLAIN_PORT=5320  # dnsdist, plain (readiness probe only)
+BIG_NAMES=16 BIG_BYTES=3500  # the slow reader's TXT records
+NP_HOSTS=$((NAMES / 10 > 10 ? NAMES / 10 : 10))  # hosts under np.soak.test
 LIB=$HERE/soaklib.py
 
-for tool in unbound unbound-checkconf dnsperf openssl python3 ss ps curl; do
-    command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found"
-done
+tools=(unbound unbound-checkconf dnsperf openssl python3 ss ps curl)
+[ "$ACTORS" = 1 ] && tools+=(dnsdist)
+require_tools "${tools[@]}"
 # the interpreter itself, not a version-manager shim (probes run in loops)
 PY=$(python3 -c 'import sys; print(sys.executable)')
-[ -x "$DOTPROXY" ] || die "$DOTPROXY is not an executable (cargo build --release, or set DOTPROXY)"
+dotproxy_under_test
 
-# only loopback in here, and it must be up
-ip link set lo up
-nlinks=$(ip -o link show | wc -l)
-[ "$nlinks" = 1 ] || die "expected only loopback in the private namespace, found $nlinks links"
+TCP_WMEM=$(sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ')
+if [ "$ACTORS" = 1 ] && [ "$WMEM_MAX" != 0 ]; then
+    # this namespace's own setting (per network namespace since Linux 4.15)
+    sysctl -qw net.ipv4.tcp_wmem="4096 16384 $WMEM_MAX" || die "cannot set net.ipv4.tcp_wmem here"
+    TCP_WMEM=$(sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ')
+fi
 
 WORK=$(mktemp -d /tmp/dotproxy-soak.XXXXXX)
 mkdir -p "$OUT" "$WORK/certs" "$WORK/generated"
-# run a private copy: other people may rebuild target/release during the run
-DOTPROXY_SRC=$DOTPROXY
-DOTPROXY=$WORK/dotproxy
-cp "$DOTPROXY_SRC" "$DOTPROXY"
+private_dotproxy "$WORK"
 
-log() { printf '==> [%s] %s\n' "$(date +%T)" "$*"; }
-
-# processes started here, by PID. Each is a child of this shell; a PID is
-# only signalled while its parent is still this shell (guards against reuse).
-PROCS=()
+# processes started here are tracked by PID (common.sh: each is a child of
+# this shell, and only signalled while it still is, which guards against
+# PID reuse)
 UP_PID=
 KEEP=${SOAK_KEEP:-0}
-MAIN_PID=$$
 
-is_running() {
-    local st
-    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    case $st in Z*) return 1 ;; *) return 0 ;; esac
-}
-
-# is_ours PID: running and a child of this shell
-is_ours() {
-    is_running "$1" || return 1
-    [ "$(ps -o ppid= -p "$1" 2>/dev/null | tr -d ' ')" = "$MAIN_PID" ]
-}
-
-track() { PROCS+=("$1"); }
-
-untrack() {
-    local -a keep=()
-    local p
-    for p in "${PROCS[@]}"; do
-        [ "$p" = "$1" ] || keep+=("$p")
-    done
-    PROCS=("${keep[@]}")
-}
-
-# stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL
-stop_pid() {
-    local pid=$1 secs=${2:-3} i
-    is_ours "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < secs * 10; i++)); do
-        is_running "$pid" || return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? e
-    trap - EXIT INT TERM
-    for e in "${PROCS[@]}"; do stop_pid "$e" 5; done
-    for e in "${PROCS[@]}"; do wait "$e" 2>/dev/null || true; done
-    if [ "$KEEP" = 1 ] || [ "$rc" -ne 0 ]; then
+soak_exit() {
+    if [ "$KEEP" = 1 ] || [ "$EXIT_RC" -ne 0 ]; then
         echo "soak: work directory kept: $WORK (logs, dnsperf output, timelines)"
     else
         rm -rf "$WORK"
     fi
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-now_ms() { local t=${EPOCHREALTIME/./}; echo $((t / 1000)); }
+at_exit stop_tracked 5
+at_exit soak_exit
 
 # ---------------------------------------------------------------- certs, zone
 log "work directory $WORK"
-make_dot_certs "$WORK/certs" "dotproxy soak CA" >"$WORK/openssl.log" 2>&1 || {
-    cat "$WORK/openssl.log" >&2
-    die "certificate generation failed"
-}
-"$PY" "$LIB" zone "$WORK/generated" "$NAMES" | sed 's/^/    /'
+run_or_die "$WORK/openssl.log" "certificate generation failed" \
+    make_dot_certs "$WORK/certs" "dotproxy soak CA"
+if [ "$ACTORS" = 1 ]; then
+    # honest records with TTL 0: the cache (for the slow reader) keeps none of them
+    "$PY" "$LIB" zone "$WORK/generated" "$NAMES" 0 "$NP_HOSTS" "$NP_PERCENT" "$BIG_NAMES" "$BIG_BYTES"
+else
+    "$PY" "$LIB" zone "$WORK/generated" "$NAMES"
+fi | sed 's/^/    /'
 QUERIES=$WORK/generated/queries.txt
 QUERY_LINES=$(wc -l <"$QUERIES")
 
-cat >"$WORK/upstream.conf" <<EOF
-# DoT upstream for benchmarks/soak.sh: one thread, local data only, never recurses.
-server:
-    username: ""
-    chroot: ""
-    directory: ""
-    pidfile: ""
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    log-queries: no
-    num-threads: 1
-    interface: 127.0.0.1@$PLAIN_PORT
-    interface: 127.0.0.1@$DOT_PORT
-    port: $PLAIN_PORT
-    tls-port: $DOT_PORT
-    tls-service-key: "certs/server.key"
-    tls-service-pem: "certs/server-chain.pem"
-    do-ip4: yes
-    do-ip6: no
-    do-udp: yes
-    do-tcp: yes
-    incoming-num-tcp: 200
-    tcp-idle-timeout: 30000
-    edns-tcp-keepalive: $KEEPALIVE
-    edns-tcp-keepalive-timeout: 30000
-    ratelimit: 0
-    ip-ratelimit: 0
-    access-control: 127.0.0.0/8 allow
-    max-udp-size: 1232
-    edns-buffer-size: 1232
-    module-config: "iterator"
-    outgoing-range: 16
-    outgoing-num-tcp: 0
-    do-not-query-localhost: yes
-    local-zone: "." static
-    include: "generated/soak.test.conf"
-    statistics-interval: 0
-remote-control:
-    control-enable: no
-EOF
-(cd "$WORK" && unbound-checkconf upstream.conf) >"$WORK/checkconf.log" 2>&1 ||
-    { cat "$WORK/checkconf.log" >&2; die "unbound-checkconf rejected upstream.conf"; }
+unbound_conf --comment "DoT upstream for benchmarks/soak.sh: one thread, local data only, never recurses." \
+    --plain "$PLAIN_PORT" --dot "$DOT_PORT" certs/server.key certs/server-chain.pem \
+    --include generated/soak.test.conf --set "edns-tcp-keepalive: $KEEPALIVE" >"$WORK/upstream.conf"
+unbound_checkconf upstream.conf "$WORK"
 
 # ---------------------------------------------------------------- upstream
-tcp_listening() { [ -n "$(ss -Hltn "( sport = :$1 )" 2>/dev/null)" ]; }
-
 start_upstream() {
     echo "----- soak: start at $(date +%T.%N | cut -c1-12)" >>"$WORK/upstream.log"
     (cd "$WORK" && exec unbound -d -c upstream.conf) >>"$WORK/upstream.log" 2>&1 &
@@ -240,16 +205,11 @@ start_upstream() {
 }
 
 # wait_upstream SECONDS: answers on the plain port and listens on the DoT port
+upstream_ready() {
+    tcp_listening "$DOT_PORT" && "$PY" "$LIB" probe "$PLAIN_PORT" n001.soak.test udp
+}
 wait_upstream() {
-    local deadline=$(($(now_ms) + $1 * 1000))
-    while [ "$(now_ms)" -lt "$deadline" ]; do
-        is_running "$UP_PID" || return 1
-        if tcp_listening "$DOT_PORT" && "$PY" "$LIB" probe "$PLAIN_PORT" n001.soak.test udp; then
-            return 0
-        fi
-        sleep 0.02
-    done
-    return 1
+    wait_until "$UP_PID" "$1" 0.02 upstream_ready
 }
 
 RESTART_CSV=$WORK/restarts.csv
@@ -287,36 +247,69 @@ restart_upstream() {
         "$k" "$t_rel" $((t_closed - t_stop)) $((t_ready - t_stop)) "$rc" "${note:+; $note}"
 }
 
-log "starting the upstream (unbound $(unbound -V | sed -n 's/^Version //p'); DoT :$DOT_PORT, plain :$PLAIN_PORT)"
+log "starting the upstream (unbound $(unbound_version); DoT :$DOT_PORT, plain :$PLAIN_PORT)"
 start_upstream
 wait_upstream 15 || { cat "$WORK/upstream.log" >&2; die "upstream did not start"; }
 
+# the upstream that does not pipeline: dnsdist's DoT frontend with its
+# defaults (one query of a connection at a time), in front of unbound's plain port
+NP_PID=
+dnsdist_version() { dnsdist --version 2>/dev/null | head -n 1 | cut -d' ' -f1-2; }
+np_ready() {
+    tcp_listening "$NP_DOT_PORT" && "$PY" "$LIB" probe "$NP_PLAIN_PORT" p000.np.soak.test udp
+}
+if [ "$ACTORS" = 1 ]; then
+    cat >"$WORK/dnsdist.conf" <<EOF
+-- the upstream that does not pipeline, for benchmarks/soak.sh: loopback only
+setLocal("127.0.0.1:$NP_PLAIN_PORT")
+addTLSLocal("127.0.0.1:$NP_DOT_PORT", "certs/server-chain.pem", "certs/server.key")
+setACL({"127.0.0.0/8"})
+-- no security polling (it would query through the system resolver)
+setSecurityPollSuffix("")
+newServer({address = "127.0.0.1:$PLAIN_PORT", checkName = "p000.np.soak.test.", checkInterval = 1})
+EOF
+    log "starting the upstream that does not pipeline ($(dnsdist_version); DoT :$NP_DOT_PORT, plain :$NP_PLAIN_PORT)"
+    (cd "$WORK" && exec dnsdist --supervised --disable-syslog -C dnsdist.conf) >"$WORK/dnsdist.log" 2>&1 &
+    NP_PID=$!
+    track "$NP_PID"
+    # up to 15 s for it to answer; listening on the DoT port is what it must
+    wait_until "$NP_PID" 15 0.25 np_ready || tcp_listening "$NP_DOT_PORT" ||
+        { cat "$WORK/dnsdist.log" >&2; die "dnsdist did not start"; }
+fi
+
 # ---------------------------------------------------------------- proxy
 PROXY_CMD=("$DOTPROXY" --listen "127.0.0.1:$PROXY_PORT" --upstream "127.0.0.1:$DOT_PORT#dot.test"
-    --ca-file certs/ca.pem --metrics "127.0.0.1:$METRICS_PORT" --log-level "$LOG_LEVEL" "${PROXY_EXTRA[@]}")
+    --ca-file certs/ca.pem --metrics "127.0.0.1:$METRICS_PORT" --log-level "$LOG_LEVEL")
+export SOAKLIB_PROXY_PORT=$PROXY_PORT SOAKLIB_MAIN_UPSTREAM="127.0.0.1:$DOT_PORT#dot.test" \
+    SOAKLIB_NP_UPSTREAM="" SOAKLIB_ACTOR_DIR=""
+if [ "$ACTORS" = 1 ]; then
+    PROXY_CMD+=(--forward "np.soak.test=127.0.0.1:$NP_DOT_PORT#dot.test" --cache-size "$CACHE_SIZE"
+        --tcp-idle-timeout "$IDLE_MS")
+    SOAKLIB_NP_UPSTREAM="127.0.0.1:$NP_DOT_PORT#dot.test" SOAKLIB_ACTOR_DIR=$WORK
+fi
+PROXY_CMD+=("${PROXY_EXTRA[@]}")
 log "starting the proxy: ${PROXY_CMD[*]#"$WORK/"}"
 (cd "$WORK" && exec "${PROXY_CMD[@]}") >"$WORK/proxy.log" 2>&1 &
 PROXY_PID=$!
 track "$PROXY_PID"
-ready=0
-for ((i = 0; i < 60; i++)); do
-    is_running "$PROXY_PID" || break
-    if "$PY" "$LIB" probe "$PROXY_PORT" n001.soak.test udp &&
-        "$PY" "$LIB" probe "$PROXY_PORT" n001.soak.test tcp; then
-        ready=1
-        break
-    fi
-    sleep 0.25
-done
-[ "$ready" = 1 ] || { cat "$WORK/proxy.log" >&2; die "the proxy did not answer within 15 s"; }
+proxy_ready() {
+    "$PY" "$LIB" probe "$PROXY_PORT" n001.soak.test udp tcp &&
+        { [ "$ACTORS" = 0 ] || "$PY" "$LIB" probe "$PROXY_PORT" p000.np.soak.test udp; }
+}
+wait_until "$PROXY_PID" 15 0.25 proxy_ready ||
+    { cat "$WORK/proxy.log" >&2; die "the proxy did not answer within 15 s"; }
 
 # ---------------------------------------------------------------- load
 n_restarts=$(((SECS - 1) / EVERY))
 log "load for ${SECS}s: udp -Q $UDP_QPS -c $UDP_CLIENTS, tcp -Q $TCP_QPS -c $TCP_CLIENTS, -t $DP_TIMEOUT;" \
     "upstream restart every ${EVERY}s ($n_restarts restarts); samples every ${SAMPLE_EVERY}s"
+if [ "$ACTORS" = 1 ]; then
+    log "hostile actors: slow reader (${SLOW_KIBPS} KiB/s, 100-400 KiB unread, stall every ${STALL_EVERY}s)," \
+        "slowloris x $SLOWLORIS, np.soak.test via dnsdist ($BURST_QPS q/s in bursts of 4, 1 s on / 1 s off; $NP_PERCENT % of dnsperf's);" \
+        "tcp_wmem $TCP_WMEM"
+fi
 LOAD_AVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
-read -r -a st0 <<<"$(sed 's/^.*) //' "/proc/$PROXY_PID/stat")"
-CPU0=$((st0[11] + st0[12]))
+CPU0=$(cpu_ticks "$PROXY_PID")
 
 T0=$EPOCHREALTIME
 T0_MS=$(now_ms)
@@ -338,9 +331,29 @@ for mode in udp tcp; do
     DP_PID[$mode]=$!
     track "$!"
 done
+declare -A ACTOR_PID
+if [ "$ACTORS" = 1 ]; then
+    "$PY" "$LIB" slowreader "$PROXY_PORT" "$SECS" "$WORK/slowreader.json" "$BIG_NAMES" "$BIG_BYTES" \
+        "$IDLE_MS" "$STALL_EVERY" "$SLOW_KIBPS" 2>>"$WORK/actors.log" &
+    ACTOR_PID[slowreader]=$!
+    track "$!"
+    "$PY" "$LIB" slowloris "$PROXY_PORT" "$SECS" "$WORK/slowloris.json" "$SLOWLORIS" "$IDLE_MS" \
+        2>>"$WORK/actors.log" &
+    ACTOR_PID[slowloris]=$!
+    track "$!"
+    # not hostile: honest queries for np.soak.test in bursts, so that some
+    # reach dnsdist in one TLS record, with pauses for it to be seen stuck
+    "$PY" "$LIB" burst "$PROXY_PORT" "$SECS" "$WORK/burst.json" "$NP_HOSTS" "$BURST_QPS" 4 "$DP_TIMEOUT" 1 1 \
+        2>>"$WORK/actors.log" &
+    ACTOR_PID[burst]=$!
+    track "$!"
+fi
 sleep 0.2
 for mode in udp tcp; do
     is_running "${DP_PID[$mode]}" || die "dnsperf $mode exited at once: $(cat "$WORK/dnsperf-$mode.stats" 2>/dev/null)"
+done
+for a in "${!ACTOR_PID[@]}"; do
+    is_running "${ACTOR_PID[$a]}" || die "the $a actor exited at once: $(cat "$WORK/actors.log")"
 done
 
 # restarts at k*EVERY for k*EVERY < SECS; between them check everybody is up
@@ -348,6 +361,7 @@ for ((k = 1; k * EVERY < SECS; k++)); do
     target=$((T0_MS + k * EVERY * 1000))
     while [ "$(now_ms)" -lt "$target" ]; do
         is_running "$PROXY_PID" || die "the proxy died at $((($(now_ms) - T0_MS) / 1000)) s: $(tail -n 20 "$WORK/proxy.log")"
+        [ -z "$NP_PID" ] || is_running "$NP_PID" || die "dnsdist died at $((($(now_ms) - T0_MS) / 1000)) s: $(tail -n 20 "$WORK/dnsdist.log")"
         left=$((target - $(now_ms)))
         if [ "$left" -gt 500 ]; then sleep 0.5; elif [ "$left" -gt 0 ]; then sleep "0.$(printf '%03d' "$left")"; fi
     done
@@ -365,6 +379,12 @@ for mode in udp tcp; do
     wait "${FILTER_PID[$mode]}" || die "the dnsperf $mode output filter failed"
     untrack "${FILTER_PID[$mode]}"
 done
+for a in "${!ACTOR_PID[@]}"; do
+    while is_running "${ACTOR_PID[$a]}" && [ "$(now_ms)" -lt "$deadline" ]; do sleep 0.5; done
+    is_running "${ACTOR_PID[$a]}" && die "the $a actor still running $((SECS + DP_TIMEOUT + 60)) s after the start"
+    wait "${ACTOR_PID[$a]}" || echo "soak: the $a actor exited with status $?: $(tail -n 5 "$WORK/actors.log")" >&2
+    untrack "${ACTOR_PID[$a]}"
+done
 T_END_S=$((($(now_ms) - T0_MS) / 1000))
 for ((i = 0; i < 300; i++)); do is_running "$SAMPLER_PID" || break; sleep 0.1; done
 stop_pid "$SAMPLER_PID" 1
@@ -378,8 +398,7 @@ sleep 2
     echo "soak: the proxy is gone before the final sample" >&2
 curl -s --max-time 5 "http://127.0.0.1:$METRICS_PORT/metrics" >"$WORK/metrics-end.txt" || true
 LOAD_AVG_END=$(cut -d' ' -f1-3 /proc/loadavg)
-read -r -a st1 <<<"$(sed 's/^.*) //' "/proc/$PROXY_PID/stat" 2>/dev/null || echo)"
-CPU1=$((${st1[11]:-0} + ${st1[12]:-0}))
+CPU1=$(cpu_ticks "$PROXY_PID")
 PROXY_CPU_S=$(awk -v t=$((CPU1 - CPU0)) -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t / hz}')
 
 proxy_exit=gone
@@ -399,20 +418,22 @@ untrack "$PROXY_PID"
 stop_pid "$UP_PID" 5
 wait "$UP_PID" 2>/dev/null || true
 untrack "$UP_PID"
+if [ -n "$NP_PID" ]; then
+    stop_pid "$NP_PID" 5
+    wait "$NP_PID" 2>/dev/null || true
+    untrack "$NP_PID"
+fi
 
 # ---------------------------------------------------------------- report
-git_rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')
-git_dirty=$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null || true)
-[ -n "$git_dirty" ] && git_dirty=" (with uncommitted changes in src/ or Cargo.*)"
 export SOAKR_DATE SOAKR_VERSIONS SOAKR_WALL SOAKR_PROXY_CMD SOAKR_PROXY_EXIT
 SOAKR_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
-SOAKR_WALL=$(($(date +%s) - ${SOAK_T_START:-$(date +%s)}))
+SOAKR_WALL=$(($(date +%s) - ${SOAK_T0:-$(date +%s)}))
 SOAKR_PROXY_CMD="dotproxy ${PROXY_CMD[*]:1}"
 SOAKR_PROXY_EXIT=$proxy_exit
 SOAKR_VERSIONS=$(
-    echo "$("$DOTPROXY" --version 2>/dev/null | head -n 1), git $git_rev$git_dirty, binary \`${DOTPROXY_SRC#"$ROOT"/}\` $(stat -c %s "$DOTPROXY") bytes, sha256 $(sha256sum "$DOTPROXY" | cut -c1-12)…"
-    echo "unbound $(unbound -V 2>/dev/null | sed -n 's/^Version //p'), dnsperf $(dnsperf -h 2>&1 | sed -n 's/^Version //p' | head -n 1), $(openssl version)"
-    echo "$(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), kernel $(uname -r); shared with other work: load average at start / end of the load $LOAD_AVG_START / $LOAD_AVG_END"
+    echo "$("$DOTPROXY" --version 2>/dev/null | head -n 1), git $(git_state), binary \`${DOTPROXY_SRC#"$ROOT"/}\` $(stat -c %s "$DOTPROXY") bytes, sha256 $(sha256sum "$DOTPROXY" | cut -c1-12)…"
+    echo "unbound $(unbound_version),${NP_PID:+ $(dnsdist_version),} dnsperf $(dnsperf_version), $(openssl version)"
+    echo "$(nproc) CPUs ($(cpu_model)), kernel $(uname -r); shared with other work: load average at start / end of the load $LOAD_AVG_START / $LOAD_AVG_END"
     echo "proxy CPU time during the load: $PROXY_CPU_S s (utime + stime) over ${T_END_S} s"
 )
 "$PY" - "$WORK/report-env.json" <<EOF
@@ -425,6 +446,11 @@ json.dump({
     "names": "$NAMES", "query_lines": "$QUERY_LINES", "proxy_port": "$PROXY_PORT",
     "dot_port": "$DOT_PORT", "log_level": "$LOG_LEVEL", "keepalive": "$KEEPALIVE",
     "proxy_cmd": os.environ["SOAKR_PROXY_CMD"], "proxy_exit": os.environ["SOAKR_PROXY_EXIT"],
+    "actors": "$ACTORS" == "1", "slowloris": "$SLOWLORIS", "slow_kibps": "$SLOW_KIBPS",
+    "stall_every": "$STALL_EVERY", "np_percent": "$NP_PERCENT", "tcp_idle_ms": "$IDLE_MS",
+    "cache_size": "$CACHE_SIZE", "np_dot_port": "$NP_DOT_PORT", "big_names": "$BIG_NAMES",
+    "big_bytes": "$BIG_BYTES", "burst_qps": "$BURST_QPS", "tcp_wmem": "$TCP_WMEM",
+    "np_zone_cmd": "dnsdist --supervised --disable-syslog -C dnsdist.conf",
     "versions": os.environ["SOAKR_VERSIONS"].splitlines(),
 }, open(sys.argv[1], "w"), indent=1)
 EOF

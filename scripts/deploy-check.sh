@@ -13,34 +13,20 @@
 # Ends with "deploy-check: N passed, N failed"; exits 1 if a step failed.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+LIB=$(dirname "$(readlink -f "$0")")/lib
+# shellcheck source=scripts/lib/common.sh
+. "$LIB/common.sh"
+cd "$LIB/../.."
 
 UNIT=deploy/dotproxy.service
 MAX_EXPOSURE=2.0
-PASSES=0
-FAILS=0
 T=$(mktemp -d "${TMPDIR:-/tmp}/dotproxy-deploy-check.XXXXXX")
-trap 'rm -rf "$T"' EXIT
+at_exit rm -rf "$T"
 
-pass() {
-    printf 'PASS  %s\n' "$1"
-    PASSES=$((PASSES + 1))
-}
-fail() {
-    printf 'FAIL  %s%s\n' "$1" "${2:+  ($2)}"
-    FAILS=$((FAILS + 1))
-}
-
-echo "==> Kubernetes manifests"
+log "Kubernetes manifests"
 if ! python3 -c 'import yaml' 2>/dev/null && ! /usr/bin/python3 -c 'import yaml' 2>/dev/null; then
     echo "installing python3-yaml"
-    if [ "$(id -u)" = 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=600 install --no-install-recommends python3-yaml ||
-            { apt-get -q -o DPkg::Lock::Timeout=600 update &&
-                DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=600 install --no-install-recommends python3-yaml; }
-    else
-        sudo apt-get -q -y install --no-install-recommends python3-yaml
-    fi
+    apt_install python3-yaml
 fi
 rc=0
 python3 deploy/check-manifests.py >"$T/manifests.log" 2>&1 || rc=$?
@@ -52,7 +38,7 @@ else
     fail "deploy/check-manifests.py" "exit $rc"
 fi
 
-echo "==> systemd unit"
+log "systemd unit"
 if ! command -v systemd-analyze >/dev/null 2>&1; then
     echo "note: systemd-analyze not found, unit checks skipped"
 else
@@ -80,6 +66,4 @@ else
     fi
 fi
 
-echo
-echo "deploy-check: $PASSES passed, $FAILS failed"
-[ "$FAILS" = 0 ]
+checks_done deploy-check

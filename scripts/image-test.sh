@@ -32,9 +32,18 @@
 #   IMAGE_TEST_IMAGE      image name (default localhost/dotproxy:image-test)
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+LIB=$(dirname "$(readlink -f "$0")")/lib
+# shellcheck source=scripts/lib/common.sh
+. "$LIB/common.sh"
+# shellcheck source=scripts/lib/dig.sh
+. "$LIB/dig.sh"
+# shellcheck source=scripts/lib/netns.sh
+. "$LIB/netns.sh"
+# shellcheck source=scripts/lib/unbound.sh
+. "$LIB/unbound.sh"
 # shellcheck source=scripts/lib/dot-certs.sh
-. scripts/lib/dot-certs.sh
+. "$LIB/dot-certs.sh"
+cd "$LIB/../.."
 
 TARGET=x86_64-unknown-linux-musl
 BIN=target/$TARGET/release/dotproxy
@@ -48,96 +57,48 @@ NS=dotproxy-image-test-$$
 CTR=dotproxy-image-test-$$
 CA_IN_CTR=/etc/dotproxy/ca.pem
 
-PASSES=0
-FAILS=0
-FAILED=()
 WORK=
 UNBOUND_PID=
 NS_MADE=0
 CTR_MADE=0
 IMAGE_MADE=0
 
-log() { printf '==> %s\n' "$*"; }
-pass() {
-    printf 'PASS  %s\n' "$1"
-    PASSES=$((PASSES + 1))
-}
-fail() {
-    printf 'FAIL  %s%s\n' "$1" "${2:+  ($2)}"
-    FAILS=$((FAILS + 1))
-    FAILED+=("$1")
-}
-die() {
-    echo "error: $*" >&2
-    exit 2
-}
-
-# is_running PID: true while PID exists and is not a zombie
-is_running() {
-    local st
-    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    case $st in Z*) return 1 ;; *) return 0 ;; esac
-}
-
-cleanup() {
-    local rc=$? i pid
-    trap - EXIT INT TERM
-    if [ "$CTR_MADE" = 1 ]; then
-        if [ "$rc" -ne 0 ]; then
-            echo "----- container log -----"
-            timeout 10 podman logs "$CTR" 2>&1 | tail -n 100 || true
-        fi
-        timeout 30 podman rm -f -t 2 "$CTR" >/dev/null 2>&1 || true
+# at exit: the container first (its log on failure), then unbound, then the
+# namespace, the work directory and the image
+container_exit() {
+    [ "$CTR_MADE" = 1 ] || return 0
+    if [ "$EXIT_RC" -ne 0 ]; then
+        echo "----- container log -----"
+        timeout 10 podman logs "$CTR" 2>&1 | tail -n 100 || true
     fi
-    if [ -n "$UNBOUND_PID" ] && is_running "$UNBOUND_PID"; then
-        kill -TERM "$UNBOUND_PID" 2>/dev/null || true
-        for ((i = 0; i < 30; i++)); do
-            is_running "$UNBOUND_PID" || break
-            sleep 0.1
-        done
-        kill -KILL "$UNBOUND_PID" 2>/dev/null || true
+    timeout 30 podman rm -f -t 2 "$CTR" >/dev/null 2>&1 || true
+}
+image_test_exit() {
+    if [ "$EXIT_RC" -ne 0 ] && [ -n "$WORK" ]; then
+        show_logs 50 "$WORK/unbound.log"
     fi
-    [ -n "$UNBOUND_PID" ] && { wait "$UNBOUND_PID" 2>/dev/null || true; }
-    if [ "$rc" -ne 0 ] && [ -n "$WORK" ] && [ -s "$WORK/unbound.log" ]; then
-        echo "----- unbound log -----"
-        tail -n 50 "$WORK/unbound.log"
-    fi
-    if [ "$NS_MADE" = 1 ]; then
-        # anything still left in the namespace made here was started here
-        for pid in $(ip netns pids "$NS" 2>/dev/null); do
-            echo "warning: killing leftover PID $pid in $NS" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        done
-        ip netns delete "$NS" 2>/dev/null || true
-    fi
+    [ "$NS_MADE" = 0 ] || netns_delete "$NS"
     if [ "${IMAGE_TEST_KEEP:-0}" = 1 ]; then
-        [ -n "$WORK" ] && echo "kept: work directory $WORK, image $IMAGE"
+        [ -z "$WORK" ] || echo "kept: work directory $WORK, image $IMAGE"
     else
-        [ -n "$WORK" ] && rm -rf "$WORK"
+        [ -z "$WORK" ] || rm -rf "$WORK"
         if [ "$IMAGE_MADE" = 1 ]; then
             timeout 60 podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
         fi
     fi
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+at_exit container_exit
+at_exit stop_tracked 3
+at_exit image_test_exit
 
 # ---------------------------------------------------------------- setup
 PACKAGES=(podman buildah runc musl-tools unbound dnsutils openssl iproute2 procps file curl)
 install_packages() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
-    done
+    local -a missing
+    missing_packages missing "${PACKAGES[@]}"
     [ "${#missing[@]}" -eq 0 ] && return 0
     log "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get -q -o DPkg::Lock::Timeout=600 update
-    apt-get -q -y -o DPkg::Lock::Timeout=600 \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-        install --no-install-recommends "${missing[@]}"
+    apt_install "${missing[@]}"
 }
 
 # Podman here runs rootful with runc (no crun on Debian 12 by default); the
@@ -158,13 +119,11 @@ containers_conf() {
 log "setup"
 install_packages
 containers_conf
-for tool in podman buildah runc unbound unbound-checkconf dig openssl ip ps file curl timeout; do
-    command -v "$tool" >/dev/null 2>&1 || die "required tool '$tool' not found"
-done
+require_tools podman buildah runc unbound unbound-checkconf dig openssl ip ps file curl timeout
 echo "podman: $(podman --version | sed 's/^podman version //')," \
     "buildah: $(buildah --version | cut -d' ' -f3)," \
     "runc: $(runc --version | sed -n '1s/^runc version //p')," \
-    "unbound: $(unbound -V 2>/dev/null | sed -n 's/^Version //p')"
+    "unbound: $(unbound_version)"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dotproxy-image-test.XXXXXX")
 chmod 0755 "$WORK"
@@ -200,10 +159,8 @@ fi
 # ---------------------------------------------------------------- 2. image
 log "podman build --target local -t $IMAGE"
 IMAGE_MADE=1
-if ! timeout 600 podman build --pull=never --target local -t "$IMAGE" . >"$WORK/build.log" 2>&1; then
-    cat "$WORK/build.log" >&2
-    die "podman build failed"
-fi
+run_or_die "$WORK/build.log" "podman build failed" \
+    timeout 600 podman build --pull=never --target local -t "$IMAGE" .
 pass "image: podman build --target local"
 
 # ---------------------------------------------------------------- 3. inspect
@@ -238,88 +195,43 @@ fi
 
 # ---------------------------------------------------------------- 4. run
 log "network namespace $NS (own loopback)"
-ip netns add "$NS"
 NS_MADE=1
-ip -n "$NS" link set lo up
-nsx() { ip netns exec "$NS" "$@"; }
+netns_add "$NS"
+DIG_NETNS=$NS # dig_at and dig_noerror: in the namespace
 
 log "private CA and a certificate for dot.test"
-make_dot_certs "$WORK" "dotproxy image-test CA" >"$WORK/openssl.log" 2>&1 || {
-    cat "$WORK/openssl.log" >&2
-    die "certificate generation failed"
-}
+run_or_die "$WORK/openssl.log" "certificate generation failed" \
+    make_dot_certs "$WORK" "dotproxy image-test CA"
 
-cat >"$WORK/unbound.conf" <<EOF
-# DoT upstream for scripts/image-test.sh: local data only, never recurses.
-server:
-    username: ""
-    chroot: ""
-    directory: "$WORK"
-    pidfile: ""
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    num-threads: 1
-    interface: 127.0.0.1@$PLAIN_PORT
-    interface: 127.0.0.1@$DOT_PORT
-    port: $PLAIN_PORT
-    tls-port: $DOT_PORT
-    tls-service-key: "$WORK/server.key"
-    tls-service-pem: "$WORK/server-chain.pem"
-    do-ip4: yes
-    do-ip6: no
-    do-udp: yes
-    do-tcp: yes
-    access-control: 127.0.0.0/8 allow
-    module-config: "iterator"
-    do-not-query-localhost: yes
-    local-zone: "." static
-    local-zone: "$ZONE." static
-    local-data: '$ZONE. 300 IN SOA ns.$ZONE. hostmaster.$ZONE. 1 3600 600 86400 300'
-    local-data: 'a.$ZONE. 300 IN A 192.0.2.10'
-    local-data: 'aaaa.$ZONE. 300 IN AAAA 2001:db8::10'
-remote-control:
-    control-enable: no
-EOF
-if ! unbound-checkconf "$WORK/unbound.conf" >"$WORK/checkconf.log" 2>&1; then
-    cat "$WORK/checkconf.log" >&2
-    die "unbound-checkconf rejected the generated configuration"
-fi
+unbound_conf --comment "DoT upstream for scripts/image-test.sh: local data only, never recurses." \
+    --dir "$WORK" --plain "$PLAIN_PORT" --dot "$DOT_PORT" "$WORK/server.key" "$WORK/server-chain.pem" \
+    --zone "$ZONE" \
+    --data "$ZONE. 300 IN SOA ns.$ZONE. hostmaster.$ZONE. 1 3600 600 86400 300" \
+    --data "a.$ZONE. 300 IN A 192.0.2.10" \
+    --data "aaaa.$ZONE. 300 IN AAAA 2001:db8::10" >"$WORK/unbound.conf"
+unbound_checkconf "$WORK/unbound.conf"
 
 log "unbound in $NS (plain :$PLAIN_PORT, DoT :$DOT_PORT)"
 # "ip netns exec" execs unbound, so $! is unbound's own PID (no function or
 # subshell in between, or killing $! would leave unbound behind)
 ip netns exec "$NS" unbound -d -c "$WORK/unbound.conf" >"$WORK/unbound.log" 2>&1 &
 UNBOUND_PID=$!
+track "$UNBOUND_PID"
 
-status_of() { grep -o 'status: [A-Z]*' <<<"$1" | head -n 1 | cut -d' ' -f2; }
-dig_ns() { nsx timeout 10 dig @127.0.0.1 +time=2 +tries=1 "$@" 2>&1 || true; }
-
-ready=0
-for ((i = 0; i < 100; i++)); do
-    is_running "$UNBOUND_PID" || break
-    if [ "$(status_of "$(dig_ns -p "$PLAIN_PORT" "a.$ZONE" A)")" = NOERROR ]; then
-        ready=1
-        break
-    fi
-    sleep 0.1
-done
-[ "$ready" = 1 ] || {
+wait_until "$UNBOUND_PID" 10 0.1 dig_noerror "$PLAIN_PORT" "a.$ZONE" || {
     cat "$WORK/unbound.log" >&2
     die "unbound did not answer within 10 s"
 }
 
 log "podman run $IMAGE in $NS"
 CTR_MADE=1
-if ! timeout 60 podman run -d --pull=never --name "$CTR" \
+run_or_die "$WORK/run.log" "podman run failed" \
+    timeout 60 podman run -d --pull=never --name "$CTR" \
     --network "ns:/run/netns/$NS" \
     -v "$WORK/ca.pem:$CA_IN_CTR:ro" \
     "$IMAGE" \
     --upstream "127.0.0.1:$DOT_PORT#dot.test" --ca-file "$CA_IN_CTR" \
-    --metrics "0.0.0.0:$METRICS_PORT" --timeout 2000 --log-level info >"$WORK/run.log" 2>&1; then
-    cat "$WORK/run.log" >&2
-    die "podman run failed"
-fi
+    --metrics "0.0.0.0:$METRICS_PORT" --timeout 2000 --log-level info
 
 # readiness: both listening lines logged, or the container is gone
 ready=0
@@ -353,34 +265,21 @@ else
     fail "container: process runs as uid/gid 65534" "uid '$uids' gid '$gids'"
 fi
 
-A_RE="a\\.$ZONE\\.[[:space:]]+[0-9]+[[:space:]]+IN[[:space:]]+A[[:space:]]+192\\.0\\.2\\.10"
-AAAA_RE="aaaa\\.$ZONE\\.[[:space:]]+[0-9]+[[:space:]]+IN[[:space:]]+AAAA[[:space:]]+2001:db8::10"
-expect() {
-    local name=$1 out=$2 want=$3 re=${4:-} got
-    got=$(status_of "$out")
-    if [ "$got" != "$want" ]; then
-        fail "$name" "status '${got:-none}', want $want"
-        printf '%s\n' "$out" | sed 's/^/      | /' | head -n 30
-    elif [ -n "$re" ] && ! grep -qE "$re" <<<"$out"; then
-        fail "$name" "answer does not match /$re/"
-        printf '%s\n' "$out" | sed 's/^/      | /' | head -n 30
-    else
-        pass "$name"
-    fi
-}
+A_RE=$(rr_re "a.$ZONE" A 192.0.2.10)
+AAAA_RE=$(rr_re "aaaa.$ZONE" AAAA 2001:db8::10)
 
 log "dig @127.0.0.1 -p $PROXY_PORT (inside $NS) -> container -> DoT -> unbound"
 for mode in udp tcp; do
     opt=+notcp
     [ "$mode" = tcp ] && opt=+tcp
-    expect "dig $mode: a.$ZONE A" "$(dig_ns -p "$PROXY_PORT" "$opt" "a.$ZONE" A)" NOERROR "$A_RE"
-    expect "dig $mode: aaaa.$ZONE AAAA" "$(dig_ns -p "$PROXY_PORT" "$opt" "aaaa.$ZONE" AAAA)" NOERROR "$AAAA_RE"
-    expect "dig $mode: nx.$ZONE A" "$(dig_ns -p "$PROXY_PORT" "$opt" "nx.$ZONE" A)" NXDOMAIN
+    expect "dig $mode: a.$ZONE A" "$(dig_at "$PROXY_PORT" "$opt" "a.$ZONE" A)" NOERROR "$A_RE"
+    expect "dig $mode: aaaa.$ZONE AAAA" "$(dig_at "$PROXY_PORT" "$opt" "aaaa.$ZONE" AAAA)" NOERROR "$AAAA_RE"
+    expect "dig $mode: nx.$ZONE A" "$(dig_at "$PROXY_PORT" "$opt" "nx.$ZONE" A)" NXDOMAIN
 done
 
 # the Kubernetes probes: readiness GET /healthz, liveness GET /metrics
 http_get() {
-    nsx timeout 10 curl -sS -o "$WORK/body" -w '%{http_code}' --max-time 5 \
+    ip netns exec "$NS" timeout 10 curl -sS -o "$WORK/body" -w '%{http_code}' --max-time 5 \
         "http://127.0.0.1:$METRICS_PORT$1" 2>&1 || true
 }
 code=$(http_get /healthz)
@@ -406,7 +305,7 @@ if [ "$running" = true ] && grep -q 'configuration reloaded' <<<"$logs" && ! gre
 else
     fail "container: SIGHUP reloads, keeps running" "running '$running'"
 fi
-expect "dig udp after reload: a.$ZONE A" "$(dig_ns -p "$PROXY_PORT" +notcp "a.$ZONE" A)" NOERROR "$A_RE"
+expect "dig udp after reload: a.$ZONE A" "$(dig_at "$PROXY_PORT" +notcp "a.$ZONE" A)" NOERROR "$A_RE"
 
 # ---------------------------------------------------------------- 5. stop
 log "podman stop (SIGTERM, 10 s grace)"
@@ -427,9 +326,4 @@ else
 fi
 echo "$logs" | sed 's/^/      log | /' | tail -n 12
 
-echo
-echo "image-test: $PASSES passed, $FAILS failed"
-if [ "$FAILS" -ne 0 ]; then
-    printf '  failed: %s\n' "${FAILED[@]}"
-    exit 1
-fi
+checks_done image-test || exit 1

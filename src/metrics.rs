@@ -41,6 +41,9 @@ pub struct Dropped {
 
 #[derive(Debug, Default, Clone)]
 pub struct TcpClosed {
+    /// No query completed and nothing pending for --tcp-idle-timeout (a
+    /// slow or abandoned query included).
+    pub idle: u64,
     /// Idle, to admit a newcomer at a connection limit.
     pub evicted: u64,
     /// Pending answers made no progress for the idle time.
@@ -214,6 +217,7 @@ fn client_side(e: &mut Exposition, s: &Stats) {
         "counter",
         "TCP client connections closed by the proxy, by reason.",
     );
+    e.sample(name, &[("reason", "idle")], s.tcp_closed.idle);
     e.sample(name, &[("reason", "evicted")], s.tcp_closed.evicted);
     e.sample(name, &[("reason", "stopped_reading")], s.tcp_closed.stopped_reading);
     e.sample(name, &[("reason", "too_slow")], s.tcp_closed.too_slow);

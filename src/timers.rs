@@ -76,6 +76,16 @@ impl Timers {
         self.heap.len()
     }
 
+    /// Drop the timers `keep` says are stale. Timers are never cancelled,
+    /// so one per answered query would otherwise stay until its deadline:
+    /// at 100k queries/s and a 2.5 s timeout, a quarter million entries.
+    /// The loop calls this when stale ones outnumber the live objects, which
+    /// keeps the heap within twice what is alive at an amortised O(1) per
+    /// timer.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Timer) -> bool) {
+        self.heap.retain(|Reverse((_, t))| keep(t));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
@@ -108,6 +118,19 @@ mod tests {
         assert_eq!(poll_timeout(timers.next_at(), t0 + ms(250)), Some(ms(51)));
         assert_eq!(poll_timeout(timers.next_at(), t0 + ms(400)), Some(ms(1)));
         assert_eq!(poll_timeout(None, t0), None);
+    }
+
+    #[test]
+    fn stale_timers_can_be_dropped() {
+        let t0 = Instant::now();
+        let mut timers = Timers::default();
+        for key in 0..10 {
+            timers.add(t0, Timer::Deadline(QueryRef { key, gen: 1 }));
+        }
+        timers.add(t0, Timer::AcceptRetry { listener: 0 });
+        timers.retain(|t| !matches!(t, Timer::Deadline(q) if q.key % 2 == 0));
+        assert_eq!(timers.len(), 6);
+        assert_eq!(timers.pop_due(t0).map(|_| ()), Some(()));
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub struct Clients {
 /// A client closed for what it did, for the loop to log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closed {
+    /// It completed no query and had nothing pending for the idle time.
+    Idle,
     /// Its pending answers made no progress for the idle time.
     StoppedReading(SocketAddr),
 }
@@ -287,6 +289,10 @@ impl Clients {
 
     /// Queue an answer for client `key` of generation `gen`.
     pub fn deliver(&mut self, key: usize, gen: u32, answer: &[u8], now: Instant) -> Result<(), Gone> {
+        // A client being closed takes nothing more (and is counted once).
+        if self.is_doomed(key) {
+            return Err(Gone::Closed);
+        }
         let Some(c) = self.slab.get_mut(key).filter(|c| c.gen() == gen) else {
             return Err(Gone::Closed);
         };
@@ -314,16 +320,25 @@ impl Clients {
 
     /// Over the bound of all buffers together: close the client with the
     /// largest backlog (the one not reading; honest clients drain theirs).
+    /// Clients already being closed are counted out: their bytes leave the
+    /// total when they are removed, once.
     fn shed_largest(&mut self) -> Result<(), Gone> {
+        let closing: usize = self
+            .doomed
+            .iter()
+            .filter_map(|&(k, g)| self.slab.get(k).filter(|c| c.gen() == g))
+            .map(Client::pending_out)
+            .sum();
+        if self.pending_out.saturating_sub(closing) <= MAX_TOTAL_OUT {
+            return Ok(());
+        }
         let victim = self
             .slab
             .iter()
             .filter(|(k, _)| !self.is_doomed(*k))
             .max_by_key(|(_, c)| c.pending_out())
-            .map(|(k, c)| (k, c.peer(), c.pending_out()));
-        if let Some((k, peer, pending)) = victim {
-            // Counted out now, so one slow reader is shed once.
-            self.pending_out = self.pending_out.saturating_sub(pending);
+            .map(|(k, c)| (k, c.peer()));
+        if let Some((k, peer)) = victim {
             self.doom(k);
             return Err(Gone::TooSlow(peer));
         }
@@ -377,7 +392,7 @@ impl Clients {
             IdleCheck::Idle => {
                 debug!("tcp client {} idle; closing", c.peer());
                 self.doom(key);
-                None
+                Some(Closed::Idle)
             }
             IdleCheck::StoppedReading => {
                 let peer = c.peer();

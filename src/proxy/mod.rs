@@ -327,6 +327,16 @@ impl Proxy {
     }
 
     fn expire(&mut self, now: Instant) {
+        // Per-query timers of answered queries are dead weight: drop them
+        // once they outnumber what is alive (see Timers::retain).
+        let alive = self.queries.len() + self.clients.len() + self.pool.connections();
+        if self.timers.len() > 2 * alive + 4096 {
+            let queries = &self.queries;
+            self.timers.retain(|t| match t {
+                Timer::Deadline(q) => queries.get(*q).is_some(),
+                _ => true,
+            });
+        }
         while let Some(timer) = self.timers.pop_due(now) {
             match timer {
                 Timer::Deadline(q) => {
@@ -338,15 +348,15 @@ impl Proxy {
                 Timer::Handshake { .. } | Timer::ConnIdle { .. } | Timer::PipelineCheck { .. } => {
                     self.pool.on_timer(timer, now, &mut self.timers)
                 }
-                Timer::ClientIdle { key, gen } => {
-                    if let Some(Closed::StoppedReading(peer)) =
-                        self.clients.on_idle_timer(key, gen, now, &mut self.timers)
-                    {
+                Timer::ClientIdle { key, gen } => match self.clients.on_idle_timer(key, gen, now, &mut self.timers) {
+                    Some(Closed::StoppedReading(peer)) => {
                         self.stats.tcp_closed.stopped_reading += 1;
                         let what = format_args!("tcp client {peer} closed: stopped reading its answers");
                         self.notices.warn(Notice::SlowReader, now, what);
                     }
-                }
+                    Some(Closed::Idle) => self.stats.tcp_closed.idle += 1,
+                    None => {}
+                },
                 Timer::Http { key, gen } => self.http.on_timer(key, gen),
                 Timer::AcceptRetry { listener } => {
                     self.listeners.retry_fired(listener);

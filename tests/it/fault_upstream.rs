@@ -519,8 +519,11 @@ fn c12_server_closes_idle_connection() {
 
 /// C13: the server stops reading. The connection's queue is bounded by the
 /// per-connection cap (1 000); the excess goes to a new connection and is
-/// answered; the stuck ones fail by the deadline; memory stays bounded and
-/// every query gets exactly one answer.
+/// answered; at the first deadline the stuck connection counts as stalled
+/// and its queries are re-sent once (a single stalled connection does not
+/// mark the upstream down), so they are answered if their deadlines allow,
+/// else SERVFAIL; memory stays bounded and every query gets exactly one
+/// answer.
 #[test]
 fn c13_server_stops_reading() {
     let script =
@@ -548,7 +551,9 @@ fn c13_server_stops_reading() {
         rc.get(&RCODE_NOERROR).copied().unwrap_or(0) >= 400,
         "failover answered too few: {rc:?}"
     );
-    assert!(rc.get(&RCODE_SERVFAIL).copied().unwrap_or(0) >= 900, "{rc:?}");
+    let servfail = rc.get(&RCODE_SERVFAIL).copied().unwrap_or(0);
+    assert!(servfail >= 1, "the first stuck query reaches its deadline: {rc:?}");
+    assert_eq!(rc.get(&RCODE_NOERROR).copied().unwrap_or(0) + servfail, 1500, "{rc:?}");
     let hwm = s.proxy.vm_hwm_kb();
     assert!(hwm < 64 * 1024, "VmHWM {hwm} kB");
     quiescent(&s.proxy, fds);

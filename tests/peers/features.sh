@@ -1,16 +1,17 @@
 # shellcheck shell=bash
 # Sourced by tests/peers/run.sh (not run on its own): end-to-end checks of
 # the newer features against the real unbound DoT upstream that run.sh
-# started. Uses run.sh's helpers and state: pass, fail, skip, log, pick_port,
-# wait_listen, stop_pid, is_running, status_of, now_ms, PIDS, WORK, CA,
-# DOT_PORT, PLAIN_PORT, ZONE, A_RE, BIN.
+# started. Uses the helpers of scripts/lib/common.sh and dig.sh that run.sh
+# sourced (pass, fail, skip, log, track, wait_listen, wait_until, stop_pid,
+# is_running, now_ms, dig_at, dig_noerror, status_of, expect) and run.sh's
+# own: pick_port, peers_unbound_conf, WORK, CA, DOT_PORT, ZONE, A_RE, BIN.
 #
 #   peer_features        cache, SPKI pins, split forwarding, reload, padding
 #                        on the wire, edns-tcp-keepalive idle close
 #   peer_features_final  after all other checks: no upstream that should be
 #                        reachable was ever logged "down"; stop the proxies
 #
-# Every proxy started here is in PIDS (run.sh's EXIT trap kills it by PID),
+# Every proxy started here is tracked (run.sh's EXIT trap kills it by PID),
 # every client call runs under timeout(1), every wait has a deadline.
 #
 # Optional: tcpdump and python3 for the padding-on-the-wire check (skipped,
@@ -35,7 +36,7 @@ feat_start() {
     "$BIN" --listen "127.0.0.1:$port" --timeout 2000 --log-level info "$@" \
         >"$WORK/proxy-$name.log" 2>&1 &
     FEAT_PID=$!
-    PIDS+=("$FEAT_PID")
+    track "$FEAT_PID"
     FEAT_PROXIES+=("$name $FEAT_PID $port")
 }
 
@@ -43,7 +44,7 @@ feat_start() {
 feat_dig() {
     local port=$1
     shift
-    timeout 10 dig @127.0.0.1 -p "$port" +time=3 +tries=1 "$@" 2>&1 || true
+    dig_at "$port" +time=3 "$@"
 }
 
 # wait_log FILE REGEX SECONDS: until FILE has a line matching REGEX
@@ -63,6 +64,21 @@ ttl_of() {
         $0 == sec { on = 1; next }
         /^;; / || /^$/ { on = 0 }
         on && $4 == t { print $2; exit }' <<<"$1"
+}
+
+# reload_check PID PORT TEXT LOG_RE CHECK LOG_CHECK: replace reload.conf
+# with TEXT, SIGHUP the proxy PID; once its log matches LOG_RE (within 5 s)
+# it must still answer a.ZONE on PORT (CHECK), else LOG_CHECK fails
+reload_check() {
+    printf '%s\n' "$3" >"$WORK/reload.conf.new"
+    mv "$WORK/reload.conf.new" "$WORK/reload.conf"
+    kill -HUP "$1"
+    if wait_log "$WORK/proxy-reload.log" "$4" 5; then
+        expect "$5" "$(feat_dig "$2" "a.$ZONE" A)" NOERROR "$A_RE"
+    else
+        fail "$6"
+        sed 's/^/      | /' "$WORK/proxy-reload.log" | tail -n 5
+    fi
 }
 
 # metric FILE LINE-PREFIX: value of the first sample starting with PREFIX
@@ -184,14 +200,10 @@ peer_features() {
     # a second unbound, same zone and certificate, announcing a 1 s
     # edns-tcp-keepalive timeout, so that an idle connection is closed
     # within the run
-    sed -e "s/@$PLAIN_PORT\$/@$ka_plain/; s/@$DOT_PORT\$/@$ka_dot/" \
-        -e "s/^\\( *port:\\) $PLAIN_PORT\$/\\1 $ka_plain/" \
-        -e "s/^\\( *tls-port:\\) $DOT_PORT\$/\\1 $ka_dot/" \
-        -e "s/^\\( *edns-tcp-keepalive-timeout:\\).*/\\1 1000/" \
-        "$WORK/unbound.conf" >"$WORK/unbound-ka.conf"
+    peers_unbound_conf "$ka_plain" "$ka_dot" 1000 >"$WORK/unbound-ka.conf"
     unbound -d -c "$WORK/unbound-ka.conf" >"$WORK/unbound-ka.log" 2>&1 &
     ka_unbound_pid=$!
-    PIDS+=("$ka_unbound_pid")
+    track "$ka_unbound_pid"
 
     printf 'upstream 127.0.0.1:%s#dot.test\nca-file %s\n' "$dead_port" "$CA" \
         >"$WORK/reload.conf"
@@ -234,15 +246,9 @@ peer_features() {
         fi
     done
     ka_ready=0
-    for ((i = 0; i < 100; i++)); do
-        is_running "$ka_unbound_pid" || break
-        if [ "$(status_of "$(timeout 3 dig @127.0.0.1 -p "$ka_plain" +time=1 +tries=1 \
-            "a.$ZONE" A 2>/dev/null || true)")" = NOERROR ]; then
-            ka_ready=1
-            break
-        fi
-        sleep 0.1
-    done
+    if wait_until "$ka_unbound_pid" 10 0.1 dig_noerror "$ka_plain" "a.$ZONE"; then
+        ka_ready=1
+    fi
 
     # ---- 1. cache: first lookups now, the second ones >= 2 s later
     t_cache=$(now_ms)
@@ -313,28 +319,16 @@ peer_features() {
     # ---- 4. reload on SIGHUP
     expect "reload: --config with a dead upstream: SERVFAIL" \
         "$(feat_dig "$rel_port" "a.$ZONE" A)" SERVFAIL
-    printf 'upstream 127.0.0.1:%s#dot.test\nca-file %s\n' "$DOT_PORT" "$CA" \
-        >"$WORK/reload.conf.new"
-    mv "$WORK/reload.conf.new" "$WORK/reload.conf"
-    kill -HUP "$rel_pid"
-    if wait_log "$WORK/proxy-reload.log" 'configuration reloaded' 5; then
-        expect "reload: after SIGHUP with unbound in the file: a.$ZONE" \
-            "$(feat_dig "$rel_port" "a.$ZONE" A)" NOERROR "$A_RE"
-    else
-        fail "reload: 'configuration reloaded' logged within 5 s of SIGHUP"
-        sed 's/^/      | /' "$WORK/proxy-reload.log" | tail -n 5
-    fi
-    printf 'upstream 127.0.0.1:%s#dot.test\nno-such-option 1\n' "$dead_port" \
-        >"$WORK/reload.conf.new"
-    mv "$WORK/reload.conf.new" "$WORK/reload.conf"
-    kill -HUP "$rel_pid"
-    if wait_log "$WORK/proxy-reload.log" 'reload failed, keeping the running configuration' 5; then
-        expect "reload: a bad file is refused, the running configuration kept: a.$ZONE" \
-            "$(feat_dig "$rel_port" "a.$ZONE" A)" NOERROR "$A_RE"
-    else
-        fail "reload: a bad file logs 'reload failed' within 5 s of SIGHUP"
-        sed 's/^/      | /' "$WORK/proxy-reload.log" | tail -n 5
-    fi
+    reload_check "$rel_pid" "$rel_port" \
+        "$(printf 'upstream 127.0.0.1:%s#dot.test\nca-file %s' "$DOT_PORT" "$CA")" \
+        'configuration reloaded' \
+        "reload: after SIGHUP with unbound in the file: a.$ZONE" \
+        "reload: 'configuration reloaded' logged within 5 s of SIGHUP"
+    reload_check "$rel_pid" "$rel_port" \
+        "$(printf 'upstream 127.0.0.1:%s#dot.test\nno-such-option 1' "$dead_port")" \
+        'reload failed, keeping the running configuration' \
+        "reload: a bad file is refused, the running configuration kept: a.$ZONE" \
+        "reload: a bad file logs 'reload failed' within 5 s of SIGHUP"
 
     # ---- 5. padding on the wire (RFC 8467): the TLS records from the proxy
     # to unbound, one per query, captured on lo
@@ -358,7 +352,7 @@ peer_features() {
                 "tcp and dst port $DOT_PORT and (src port $lport1 or src port $lport2)" \
                 >"$WORK/padding.pcap" 2>"$WORK/tcpdump.log" &
             cap_pid=$!
-            PIDS+=("$cap_pid")
+            track "$cap_pid"
             if ! wait_log "$WORK/tcpdump.log" 'listening on' 5; then
                 stop_pid "$cap_pid" 1
                 if grep -qiE 'permission|not permitted' "$WORK/tcpdump.log"; then

@@ -32,8 +32,15 @@
 # sourced from here. The padding check needs tcpdump and python3 and root
 # (capture on lo); without them it is skipped, not failed.
 set -euo pipefail
+LIB=$(dirname "$(readlink -f "$0")")/../../scripts/lib
+# shellcheck source=scripts/lib/common.sh
+. "$LIB/common.sh"
+# shellcheck source=scripts/lib/dig.sh
+. "$LIB/dig.sh"
+# shellcheck source=scripts/lib/unbound.sh
+. "$LIB/unbound.sh"
 # shellcheck source=scripts/lib/dot-certs.sh
-. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/dot-certs.sh"
+. "$LIB/dot-certs.sh"
 
 if [ "$#" -ne 1 ]; then
     echo "usage: $0 PATH/TO/dotproxy" >&2
@@ -56,99 +63,24 @@ ZONE=peers.test
 NAMES=500
 TXT_RECORDS=30
 
-for tool in unbound dig mdig kdig dnsperf openssl ss ps timeout; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "error: required tool '$tool' not found" >&2
-        exit 2
-    fi
-done
+require_tools unbound dig mdig kdig dnsperf openssl ss ps timeout
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dotproxy-peers.XXXXXX")
-PIDS=()
-PASSES=0
-FAILS=0
-SKIPS=0
-FAILED=()
 PROXY_PID=
 UNBOUND_PID=
 
-log() { printf '==> %s\n' "$*"; }
-
-pass() {
-    printf 'PASS  %s\n' "$1"
-    PASSES=$((PASSES + 1))
-}
-
-skip() {
-    printf 'SKIP  %s%s\n' "$1" "${2:+  ($2)}"
-    SKIPS=$((SKIPS + 1))
-}
-
-fail() {
-    printf 'FAIL  %s%s\n' "$1" "${2:+  ($2)}"
-    FAILS=$((FAILS + 1))
-    FAILED+=("$1")
-}
-
-# is_running PID: true while PID exists and is not a zombie
-is_running() {
-    local st
-    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    case $st in
-        Z*) return 1 ;;
-        *) return 0 ;;
-    esac
-}
-
-# stop_pid PID SECONDS: SIGTERM, wait up to SECONDS, then SIGKILL
-stop_pid() {
-    local pid=$1 secs=${2:-3} i
-    is_running "$pid" || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < secs * 10; i++)); do
-        is_running "$pid" || return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-dump_logs() {
-    local f
-    for f in "$WORK"/proxy*.log "$WORK"/unbound.log; do
-        [ -s "$f" ] || continue
-        printf -- '----- %s (last 200 lines) -----\n' "$(basename "$f")"
-        tail -n 200 "$f"
-    done
-    printf -- '----- end of logs -----\n'
-}
-
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do
-        stop_pid "$pid" 2
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ "$rc" -ne 0 ] && [ -d "$WORK" ]; then
-        dump_logs
+peers_exit() {
+    if [ "$EXIT_RC" -ne 0 ] && [ -d "$WORK" ]; then
+        show_logs 200 "$WORK"/proxy*.log "$WORK"/unbound.log
     fi
     if [ "${PEERS_KEEP:-0}" = 1 ]; then
         echo "work directory kept: $WORK"
     else
         rm -rf "$WORK"
     fi
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-die() {
-    echo "error: $*" >&2
-    exit 2
-}
+at_exit stop_tracked 2
+at_exit peers_exit
 
 # ---------------------------------------------------------------- ports
 USED_PORTS=" "
@@ -172,27 +104,11 @@ pick_port() {
     die "no free port found"
 }
 
-# wait_listen PORT SECONDS PID: until PORT is listened on over UDP and TCP
-wait_listen() {
-    local port=$1 secs=$2 pid=$3 i
-    for ((i = 0; i < secs * 10; i++)); do
-        if [ -n "$(ss -Hlun "( sport = :$port )")" ] &&
-            [ -n "$(ss -Hltn "( sport = :$port )")" ]; then
-            return 0
-        fi
-        is_running "$pid" || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
 # ---------------------------------------------------------------- certificates
 log "work directory: $WORK"
 log "generating a private CA and a certificate for dot.test"
-make_dot_certs "$WORK" "dotproxy peers test CA" >"$WORK/openssl.log" 2>&1 || {
-    cat "$WORK/openssl.log" >&2
-    die "certificate generation failed"
-}
+run_or_die "$WORK/openssl.log" "certificate generation failed" \
+    make_dot_certs "$WORK" "dotproxy peers test CA"
 CA=$WORK/ca.pem
 
 # ---------------------------------------------------------------- zone
@@ -221,87 +137,33 @@ for ((i = 0; i < NAMES; i++)); do
 done >"$WORK/queries.txt"
 
 # ---------------------------------------------------------------- unbound
+# peers_unbound_conf PLAIN_PORT DOT_PORT KEEPALIVE_MS: the DoT upstream
+# (features.sh starts a second one with a 1 s edns-tcp-keepalive timeout)
+peers_unbound_conf() {
+    unbound_conf --comment "DoT upstream for tests/peers/run.sh: local data only, never recurses." \
+        --dir "$WORK" --plain "$1" --dot "$2" "$WORK/server.key" "$WORK/server-chain.pem" \
+        --include "$WORK/zone.conf" --set "edns-tcp-keepalive-timeout: $3"
+}
 pick_port PLAIN_PORT
 pick_port DOT_PORT
-cat >"$WORK/unbound.conf" <<EOF
-# DoT upstream for tests/peers/run.sh: local data only, never recurses.
-server:
-    username: ""
-    chroot: ""
-    directory: "$WORK"
-    pidfile: ""
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    log-queries: no
+peers_unbound_conf "$PLAIN_PORT" "$DOT_PORT" 30000 >"$WORK/unbound.conf"
+unbound_checkconf "$WORK/unbound.conf"
 
-    num-threads: 1
-    interface: 127.0.0.1@$PLAIN_PORT
-    interface: 127.0.0.1@$DOT_PORT
-    port: $PLAIN_PORT
-    tls-port: $DOT_PORT
-    tls-service-key: "$WORK/server.key"
-    tls-service-pem: "$WORK/server-chain.pem"
-    do-ip4: yes
-    do-ip6: no
-    do-udp: yes
-    do-tcp: yes
-    access-control: 127.0.0.0/8 allow
-    incoming-num-tcp: 200
-    tcp-idle-timeout: 30000
-    edns-tcp-keepalive: yes
-    edns-tcp-keepalive-timeout: 30000
-    ratelimit: 0
-    ip-ratelimit: 0
-    max-udp-size: 1232
-    edns-buffer-size: 1232
-
-    module-config: "iterator"
-    outgoing-range: 16
-    outgoing-num-tcp: 0
-    do-not-query-localhost: yes
-    local-zone: "." static
-    include: "$WORK/zone.conf"
-    statistics-interval: 0
-
-remote-control:
-    control-enable: no
-EOF
-if ! unbound-checkconf "$WORK/unbound.conf" >"$WORK/checkconf.log" 2>&1; then
-    cat "$WORK/checkconf.log" >&2
-    die "unbound-checkconf rejected the generated configuration"
-fi
-
-log "starting unbound $(unbound -V 2>/dev/null | sed -n 's/^Version //p') (plain :$PLAIN_PORT, DoT :$DOT_PORT)"
+log "starting unbound $(unbound_version) (plain :$PLAIN_PORT, DoT :$DOT_PORT)"
 unbound -d -c "$WORK/unbound.conf" >"$WORK/unbound.log" 2>&1 &
 UNBOUND_PID=$!
-PIDS+=("$UNBOUND_PID")
+track "$UNBOUND_PID"
 
-# bounded poll: plain port answers, then the DoT port answers
-ready=0
-for ((i = 0; i < 100; i++)); do
-    is_running "$UNBOUND_PID" || break
-    out=$(timeout 3 dig @127.0.0.1 -p "$PLAIN_PORT" +time=1 +tries=1 \
-        "a.$ZONE" A 2>/dev/null || true)
-    if grep -q 'status: NOERROR' <<<"$out"; then
-        ready=1
-        break
-    fi
-    sleep 0.1
-done
-if [ "$ready" != 1 ]; then
+# bounded poll: the plain port answers
+if ! wait_until "$UNBOUND_PID" 10 0.1 dig_noerror "$PLAIN_PORT" "a.$ZONE"; then
     cat "$WORK/unbound.log" >&2
     die "unbound did not come up within 10 s"
 fi
 
 # ---------------------------------------------------------------- helpers
 # shellcheck source-path=SCRIPTDIR source=features.sh
-. "$(dirname "${BASH_SOURCE[0]}")/features.sh"
+. "$(dirname "$(readlink -f "$0")")/features.sh"
 
-# status_of TEXT: first rcode found in dig/kdig/mdig output
-status_of() {
-    grep -o 'status: [A-Z]*' <<<"$1" | head -n 1 | cut -d' ' -f2
-}
 # flags_of TEXT: header flags of the first dig response
 flags_of() {
     grep -m 1 '^;; flags:' <<<"$1" | cut -d';' -f3 | sed 's/^ *flags: *//'
@@ -313,37 +175,17 @@ msg_size_of() {
 txt_count() {
     grep -cE 'IN[[:space:]]+TXT[[:space:]]+"' <<<"$1" || true
 }
-now_ms() {
-    echo $(($(date +%s%N) / 1000000))
-}
 
 PORT=
 dig_p() {
-    timeout 10 dig @127.0.0.1 -p "$PORT" +time=2 +tries=1 "$@" 2>&1 || true
+    dig_at "$PORT" "$@"
 }
 kdig_p() {
     timeout 10 kdig @127.0.0.1 -p "$PORT" +time=2 +retry=0 "$@" 2>&1 || true
 }
 
-# expect NAME OUTPUT STATUS [REGEX]: status must match; REGEX must match too
-expect() {
-    local name=$1 out=$2 want=$3 re=${4:-} got
-    got=$(status_of "$out")
-    if [ "$got" != "$want" ]; then
-        fail "$name" "status '${got:-none}', want $want"
-        printf '%s\n' "$out" | sed 's/^/      | /' | head -n 40
-        return 0
-    fi
-    if [ -n "$re" ] && ! grep -qE "$re" <<<"$out"; then
-        fail "$name" "answer does not match /$re/"
-        printf '%s\n' "$out" | sed 's/^/      | /' | head -n 40
-        return 0
-    fi
-    pass "$name"
-}
-
-A_RE="a\\.$ZONE\\.[[:space:]]+[0-9]+[[:space:]]+IN[[:space:]]+A[[:space:]]+192\\.0\\.2\\.10"
-AAAA_RE="aaaa\\.$ZONE\\.[[:space:]]+[0-9]+[[:space:]]+IN[[:space:]]+AAAA[[:space:]]+2001:db8::10"
+A_RE=$(rr_re "a.$ZONE" A 192.0.2.10)
+AAAA_RE=$(rr_re "aaaa.$ZONE" AAAA 2001:db8::10)
 
 # ---------------------------------------------------------------- upstream
 log "upstream sanity checks (unbound directly)"
@@ -373,21 +215,10 @@ log "starting proxy on :$PORT -> 127.0.0.1:$DOT_PORT#dot.test (metrics on :$METR
     --ca-file "$CA" --timeout 2000 --log-level info \
     --metrics "127.0.0.1:$METRICS_PORT" >"$WORK/proxy.log" 2>&1 &
 PROXY_PID=$!
-PIDS+=("$PROXY_PID")
+track "$PROXY_PID"
 
-ready=0
-if wait_listen "$PORT" 10 "$PROXY_PID"; then
-    for ((i = 0; i < 20; i++)); do
-        is_running "$PROXY_PID" || break
-        if [ "$(status_of "$(timeout 3 dig @127.0.0.1 -p "$PORT" +time=1 +tries=1 \
-            "a.$ZONE" A 2>/dev/null || true)")" = NOERROR ]; then
-            ready=1
-            break
-        fi
-        sleep 0.25
-    done
-fi
-if [ "$ready" != 1 ]; then
+if ! { wait_listen "$PORT" 10 "$PROXY_PID" &&
+    wait_until "$PROXY_PID" 5 0.25 dig_noerror "$PORT" "a.$ZONE"; }; then
     if is_running "$PROXY_PID"; then
         why="running, but no NOERROR answer"
     else
@@ -510,13 +341,13 @@ pick_port BAD_PORT
 "$BIN" --listen "127.0.0.1:$BAD_PORT" --upstream "127.0.0.1:$DOT_PORT#wrong.test" \
     --ca-file "$CA" --timeout 2000 --log-level info >"$WORK/proxy-wrong-name.log" 2>&1 &
 BAD_PID=$!
-PIDS+=("$BAD_PID")
+track "$BAD_PID"
 if wait_listen "$BAD_PORT" 10 "$BAD_PID"; then
     for mode in udp tcp; do
         opt=+notcp
         [ "$mode" = tcp ] && opt=+tcp
         t0=$(now_ms)
-        out=$(timeout 10 dig @127.0.0.1 -p "$BAD_PORT" +time=3 +tries=1 "$opt" "a.$ZONE" A 2>&1 || true)
+        out=$(dig_at "$BAD_PORT" +time=3 "$opt" "a.$ZONE" A)
         dt=$(($(now_ms) - t0))
         if [ "$(status_of "$out")" = SERVFAIL ] && [ "$dt" -lt 3000 ]; then
             pass "wrong name ($mode): SERVFAIL in $dt ms"
@@ -620,13 +451,4 @@ if [ "${PEERS_FEATURES:-1}" != 0 ]; then
     peer_features_final
 fi
 
-echo
-if [ "$SKIPS" -gt 0 ]; then
-    echo "peers: $PASSES passed, $FAILS failed, $SKIPS skipped"
-else
-    echo "peers: $PASSES passed, $FAILS failed"
-fi
-if [ "$FAILS" -ne 0 ]; then
-    printf '  failed: %s\n' "${FAILED[@]}"
-    exit 1
-fi
+checks_done peers || exit 1

@@ -9,6 +9,11 @@
 # is accepted and ignored. unbound is exec'd, so the PID and SIGTERM handling
 # are unbound's own.
 set -euo pipefail
+LIB=$(dirname "$(readlink -f "$0")")/../../scripts/lib
+# shellcheck source=scripts/lib/common.sh
+. "$LIB/common.sh"
+# shellcheck source=scripts/lib/unbound.sh
+. "$LIB/unbound.sh"
 
 listen=''
 upstream=''
@@ -33,38 +38,7 @@ up_name=${upstream#*#}
 up_ip=${up_hostport%:*}
 up_port=${up_hostport##*:}
 
-# the configuration is fed through stdin (here-document), so nothing is left
+# the configuration is fed through stdin (a here-string), so nothing is left
 # behind when unbound is killed
-exec unbound -d -c /dev/stdin <<EOF
-server:
-    username: ""
-    chroot: ""
-    directory: ""
-    pidfile: ""
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    num-threads: 1
-    interface: $ip@$port
-    port: $port
-    do-ip4: yes
-    do-ip6: no
-    do-udp: yes
-    do-tcp: yes
-    access-control: 127.0.0.0/8 allow
-    tls-cert-bundle: "$ca"
-    module-config: "iterator"
-    do-not-query-localhost: no
-    local-zone: "test." nodefault
-    outgoing-num-tcp: 16
-    max-reuse-tcp-queries: 1000000
-    prefetch: no
-remote-control:
-    control-enable: no
-forward-zone:
-    name: "."
-    forward-addr: $up_ip@$up_port#$up_name
-    forward-tls-upstream: yes
-    forward-first: no
-    forward-no-cache: yes
-EOF
+conf=$(unbound_conf --plain "$ip@$port" --forward "$up_ip@$up_port#$up_name" "$ca")
+exec unbound -d -c /dev/stdin <<<"$conf"
