@@ -333,7 +333,7 @@ impl Proxy {
         if self.timers.len() > 2 * alive + 4096 {
             let queries = &self.queries;
             self.timers.retain(|t| match t {
-                Timer::Deadline(q) => queries.get(*q).is_some(),
+                Timer::Deadline(q) | Timer::StaleAnswer(q) => queries.get(*q).is_some(),
                 _ => true,
             });
         }
