@@ -50,6 +50,21 @@ OPTIONS:
       --cache-size N              cache up to N answers (TTL-aged, RFC 2308 negative
                                   caching) and merge identical queries in flight;
                                   default 0 = off
+      --cache-memory SIZE         bytes the cache may hold (K, M, G suffixes; default
+                                  16M); least recently used answers leave first
+      --cache-min-ttl S           keep answers at least S seconds (default 0)
+      --cache-max-ttl S           keep answers at most S seconds (default 86400)
+      --cache-max-negative-ttl S  keep NXDOMAIN and NODATA at most S seconds
+                                  (default 3600)
+      --stale-max-age S           answer from entries expired at most S seconds ago
+                                  when no upstream answers in time (RFC 8767: TTL 30,
+                                  EDE 3); default 86400, 0 = off
+      --stale-answer-after MS     how long a query waits for the upstream before a
+                                  stale answer is sent, the refresh going on
+                                  (default 1800, at most 3/4 of --timeout)
+      --no-prefetch               do not refresh popular entries before they expire
+                                  (by default a hit in the last tenth of an entry's
+                                  TTL refreshes it in the background)
       --max-inflight N            queries in flight in total (default 10000);
                                   beyond it new queries get REFUSED
       --max-inflight-per-ip N     queries in flight per client address (default
@@ -163,8 +178,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     pub padding: u16,
     pub limits: Limits,
-    /// Answers kept in the cache; 0 turns caching (and merging) off.
-    pub cache_size: usize,
+    /// The cache; `size` 0 turns caching (and merging) off.
+    pub cache: CacheOptions,
     /// Bind the listeners with SO_REUSEPORT (several processes, one port).
     pub reuseport: bool,
 }
@@ -204,6 +219,19 @@ impl PerAddress {
     }
 }
 
+/// What the cache options say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheOptions {
+    pub size: usize,
+    pub memory: usize,
+    pub min_ttl: u32,
+    pub max_ttl: u32,
+    pub max_negative_ttl: u32,
+    pub stale_max_age: u32,
+    pub stale_after: Duration,
+    pub prefetch: bool,
+}
+
 impl Config {
     /// The options that differ in `new` but cannot change while running:
     /// sockets are bound once (and privileges may be gone by then), the
@@ -219,8 +247,8 @@ impl Config {
         if self.reuseport != new.reuseport {
             changed.push("--reuseport");
         }
-        if self.cache_size != new.cache_size {
-            changed.push("--cache-size");
+        if self.cache.size != new.cache.size || self.cache.memory != new.cache.memory {
+            changed.push("--cache-size/--cache-memory");
         }
         if self.log_level != new.log_level {
             changed.push("--log-level");
@@ -577,6 +605,48 @@ fn padding(given: Option<u16>) -> Result<u16, Exit> {
     }
 }
 
+/// A size in bytes, with an optional K, M or G suffix (powers of 1024).
+fn size(option: &str, s: &str) -> Result<usize, Exit> {
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => {
+            return Err(Exit::Usage(format!(
+                "{option} {s:?}: expected bytes, or a number with K, M or G"
+            )))
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| (64 << 10..=16 << 30).contains(&n))
+        .ok_or_else(|| Exit::Usage(format!("{option} {s:?}: expected 64K to 16G")))
+}
+
+fn cache_options(p: &mut pico_args::Arguments, timeout: Duration) -> Result<CacheOptions, Exit> {
+    let memory: Option<String> = p.opt_value_from_str("--cache-memory").map_err(usage)?;
+    let stale_after = number(p, "--stale-answer-after", 50, 60_000)?.unwrap_or(1800);
+    Ok(CacheOptions {
+        size: number(p, "--cache-size", 0, 10_000_000)?.unwrap_or(0) as usize,
+        memory: memory.map_or(Ok(16 << 20), |m| size("--cache-memory", &m))?,
+        min_ttl: number(p, "--cache-min-ttl", 0, 86_400)?.unwrap_or(0) as u32,
+        max_ttl: number(p, "--cache-max-ttl", 1, 604_800)?.unwrap_or(86_400) as u32,
+        max_negative_ttl: number(p, "--cache-max-negative-ttl", 0, 86_400)?.unwrap_or(3600) as u32,
+        stale_max_age: number(p, "--stale-max-age", 0, 604_800)?.unwrap_or(86_400) as u32,
+        // Below the timeout, or a stale answer could never go out first.
+        stale_after: Duration::from_millis(stale_after).min(timeout * 3 / 4),
+        prefetch: !p.contains("--no-prefetch"),
+    })
+}
+
 /// Parse and check the whole configuration; nothing is bound or opened.
 pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let original = args.clone();
@@ -592,7 +662,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let allow: Vec<String> = p.values_from_str("--allow").map_err(usage)?;
     let metrics: Option<String> = p.opt_value_from_str("--metrics").map_err(usage)?;
     let padding = padding(p.opt_value_from_str("--padding").map_err(usage)?)?;
-    let cache_size = number(&mut p, "--cache-size", 0, 10_000_000)?.unwrap_or(0) as usize;
+    let cache = cache_options(&mut p, timeout)?;
     let reuseport = p.contains("--reuseport");
     let limits = limits(&mut p)?;
     if let Some(arg) = p.finish().first() {
@@ -620,7 +690,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         padding,
         limits,
         reuseport,
-        cache_size,
+        cache,
     })
 }
 

@@ -100,11 +100,39 @@ pub fn render(v: &View<'_>) -> String {
     client_side(&mut e, v.stats);
     upstream_answers(&mut e, v.stats);
     if let Some(c) = v.cache {
+        let s = c.stats();
         e.header("dotproxy_cache_lookups_total", "counter", "Cache lookups, by result.");
-        e.sample("dotproxy_cache_lookups_total", &[("result", "hit")], c.hits());
-        e.sample("dotproxy_cache_lookups_total", &[("result", "miss")], c.misses());
+        e.sample("dotproxy_cache_lookups_total", &[("result", "hit")], s.hits);
+        e.sample("dotproxy_cache_lookups_total", &[("result", "miss")], s.misses);
         e.header("dotproxy_cache_entries", "gauge", "Answers in the cache.");
         e.sample("dotproxy_cache_entries", &[], c.len());
+        e.header(
+            "dotproxy_cache_bytes",
+            "gauge",
+            "Bytes the cache holds (what --cache-memory bounds).",
+        );
+        e.sample("dotproxy_cache_bytes", &[], c.bytes());
+        let counters: [(&str, &str, u64); 3] = [
+            (
+                "dotproxy_cache_stale_answers_total",
+                "Expired answers served because no upstream answered in time (RFC 8767).",
+                s.stale_served,
+            ),
+            (
+                "dotproxy_cache_prefetches_total",
+                "Entries refreshed upstream before they expired.",
+                s.prefetches,
+            ),
+            (
+                "dotproxy_cache_evictions_total",
+                "Entries evicted to make room.",
+                s.evictions,
+            ),
+        ];
+        for (name, help, n) in counters {
+            e.header(name, "counter", help);
+            e.sample(name, &[], n);
+        }
         e.header(
             "dotproxy_merged_total",
             "counter",

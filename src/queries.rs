@@ -32,8 +32,17 @@ pub struct QueryRef {
 /// Where an answer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    Udp { listener: usize, peer: SocketAddr },
-    Tcp { key: usize, gen: u32 },
+    Udp {
+        listener: usize,
+        peer: SocketAddr,
+    },
+    Tcp {
+        key: usize,
+        gen: u32,
+    },
+    /// The proxy's own refresh of a cache entry: the answer goes to the
+    /// cache (and to identical queries merged behind it) only.
+    Prefetch,
 }
 
 /// Where and when a query was last sent upstream.
@@ -67,6 +76,9 @@ pub struct Pending {
     /// The key identical questions meet under, when merging is on.
     key: Option<Box<[u8]>>,
     followers: Vec<QueryRef>,
+    /// Its client already got a stale answer; the real one only refreshes
+    /// the cache.
+    stale_served: bool,
 }
 
 impl Pending {
@@ -119,6 +131,14 @@ impl Pending {
         self.sent = None;
     }
 
+    pub fn stale_served(&self) -> bool {
+        self.stale_served
+    }
+
+    pub fn serve_stale(&mut self) {
+        self.stale_served = true;
+    }
+
     /// Take the followers (for answering or failing them with this one).
     pub fn take_followers(&mut self) -> Vec<QueryRef> {
         std::mem::take(&mut self.followers)
@@ -160,6 +180,8 @@ pub struct Queries {
     leaders: HashMap<Box<[u8]>, QueryRef>,
     max_inflight: usize,
     max_per_client: u32,
+    /// Prefetches in flight.
+    prefetches: usize,
 }
 
 impl Queries {
@@ -171,6 +193,7 @@ impl Queries {
             leaders: HashMap::new(),
             max_inflight,
             max_per_client,
+            prefetches: 0,
         }
     }
 
@@ -235,6 +258,7 @@ impl Queries {
             last_upstream: None,
             key,
             followers: Vec::new(),
+            stale_served: false,
         });
         if let Some(c) = client {
             *self.per_client.entry(c).or_insert(0) += 1;
@@ -259,6 +283,11 @@ impl Queries {
         self.slab.get_mut(q.key as usize).filter(|p| p.gen == q.gen)
     }
 
+    /// Whether a query for `key` is in flight (a refresh would repeat it).
+    pub fn in_flight_for(&self, key: &[u8]) -> bool {
+        self.leaders.get(key).is_some_and(|&l| self.get(l).is_some())
+    }
+
     /// Whether `q` is still waiting and its deadline has passed.
     pub fn is_due(&self, q: QueryRef, now: Instant) -> bool {
         self.get(q).is_some_and(|p| p.deadline <= now)
@@ -269,6 +298,9 @@ impl Queries {
     pub fn settle(&mut self, q: QueryRef) -> Option<Pending> {
         self.get(q)?;
         let p = self.slab.try_remove(q.key as usize)?;
+        if p.origin == Origin::Prefetch {
+            self.prefetches -= 1;
+        }
         if let Some(k) = &p.key {
             if self.leaders.get(k) == Some(&q) {
                 self.leaders.remove(k);

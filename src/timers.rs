@@ -19,6 +19,9 @@ use crate::queries::QueryRef;
 pub enum Timer {
     /// A query's deadline.
     Deadline(QueryRef),
+    /// A query with a stale answer in the cache has waited long enough for
+    /// the upstream (RFC 8767's client response timer).
+    StaleAnswer(QueryRef),
     Handshake {
         conn: usize,
         gen: u32,

@@ -75,6 +75,34 @@ pub fn cache_ttl(msg: &[u8], ttl_offsets: &mut Vec<u16>) -> Option<u32> {
     (ttl > 0).then_some(ttl.min(MAX_CACHE_TTL))
 }
 
+/// Whether a cacheable answer is negative (RFC 2308: NXDOMAIN, or NODATA:
+/// no answer records).
+pub fn is_negative(msg: &[u8]) -> bool {
+    Header::new_checked(msg).is_ok_and(|h| h.rcode() == Rcode::NxDomain || h.ancount() == 0)
+}
+
+/// Clamp every TTL at `offsets` into `min..=max`, so that ageing from the
+/// stored values gives what the clamps promise.
+pub fn clamp_ttls(msg: &mut [u8], offsets: &[u16], min: u32, max: u32) {
+    for &off in offsets {
+        let off = usize::from(off);
+        if let Some(ttl) = u32_at(msg, off) {
+            if let Some(b) = msg.get_mut(off..off + 4) {
+                b.copy_from_slice(&ttl.clamp(min, max.max(min)).to_be_bytes());
+            }
+        }
+    }
+}
+
+/// Set every TTL at `offsets` to `ttl` (a stale answer's, RFC 8767 §4).
+pub fn set_ttls(msg: &mut [u8], offsets: &[u16], ttl: u32) {
+    for &off in offsets {
+        if let Some(b) = msg.get_mut(usize::from(off)..usize::from(off) + 4) {
+            b.copy_from_slice(&ttl.to_be_bytes());
+        }
+    }
+}
+
 /// Subtract `elapsed` seconds from every TTL at `offsets`.
 pub fn age_ttls(msg: &mut [u8], offsets: &[u16], elapsed: u32) {
     for &off in offsets {

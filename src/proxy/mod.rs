@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use mio::{Events, Interest, Poll};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Policy};
 use crate::config::{Cidr, Config, Exit, PerAddress};
 use crate::failure::Failure;
 use crate::http::{HttpServer, Request, Route};
@@ -53,6 +53,8 @@ struct Settings {
     per_address: PerAddress,
     /// The descriptor limit, raised at start.
     nofile: u64,
+    stale_after: Duration,
+    prefetch: bool,
 }
 
 impl Settings {
@@ -64,6 +66,8 @@ impl Settings {
             max_query_size: cfg.limits.max_query_size,
             per_address: cfg.limits.per_address.clone(),
             nofile,
+            stale_after: cfg.cache.stale_after,
+            prefetch: cfg.cache.prefetch,
         }
     }
 
@@ -181,7 +185,16 @@ impl Proxy {
             pool,
             queries: Queries::new(l.max_inflight, l.max_inflight_per_ip),
             timers: Timers::default(),
-            cache: (cfg.cache_size > 0).then(|| Cache::new(cfg.cache_size)),
+            cache: (cfg.cache.size > 0).then(|| {
+                Cache::new(Policy {
+                    max_entries: cfg.cache.size,
+                    max_bytes: cfg.cache.memory,
+                    min_ttl: cfg.cache.min_ttl,
+                    max_ttl: cfg.cache.max_ttl,
+                    max_negative_ttl: cfg.cache.max_negative_ttl,
+                    stale_max_age: cfg.cache.stale_max_age,
+                })
+            }),
             http,
             settings: Settings::of(cfg, nofile),
             started: cfg.clone(),
@@ -320,7 +333,7 @@ impl Proxy {
         if self.timers.len() > 2 * alive + 4096 {
             let queries = &self.queries;
             self.timers.retain(|t| match t {
-                Timer::Deadline(q) => queries.get(*q).is_some(),
+                Timer::Deadline(q) | Timer::StaleAnswer(q) => queries.get(*q).is_some(),
                 _ => true,
             });
         }
@@ -331,6 +344,7 @@ impl Proxy {
                         self.time_out(q, now);
                     }
                 }
+                Timer::StaleAnswer(q) => self.answer_stale(q, now),
                 Timer::Handshake { .. } | Timer::ConnIdle { .. } | Timer::PipelineCheck { .. } => {
                     self.pool.on_timer(timer, now, &mut self.timers)
                 }

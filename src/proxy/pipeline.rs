@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 
 use super::Proxy;
+use crate::cache::Lookup;
 use crate::failure::Failure;
 use crate::listen::client::NextQuery;
 use crate::listen::tcp::{Gone, Refusal};
@@ -197,20 +198,25 @@ impl Proxy {
                 query.qtype
             );
         }
+        let mut stale = false;
         let key = match &mut self.cache {
             Some(cache) => {
                 query.key_into(&mut self.bufs.key);
                 let mut reply = std::mem::take(&mut self.bufs.reply);
-                let hit = cache.get(&self.bufs.key, &query, &msg, now, &mut reply);
-                if hit {
+                let found = cache.get(&self.bufs.key, &query, &msg, now, &mut reply);
+                if let Lookup::Fresh { refresh } = found {
                     self.stats.answers += 1;
                     self.deliver(origin, Some(&query), &msg, &reply, now);
-                }
-                self.bufs.reply = reply;
-                if hit {
-                    self.bufs.put(msg);
+                    self.bufs.reply = reply;
+                    if refresh && self.settings.prefetch {
+                        self.prefetch(query, msg, now);
+                    } else {
+                        self.bufs.put(msg);
+                    }
                     return;
                 }
+                self.bufs.reply = reply;
+                stale = found == Lookup::Stale;
                 Some(Box::<[u8]>::from(self.bufs.key.as_slice()))
             }
             None => None,
@@ -238,11 +244,88 @@ impl Proxy {
             key,
         };
         let deadline = now + self.settings.timeout;
-        match self.queries.admit(new, deadline, &mut self.timers) {
-            Ok(Admit::Queued(q)) => self.send(q, now),
-            Ok(Admit::Merged(_)) => self.stats.merged += 1,
-            Err(refused) => self.refuse_busy(refused, client_len, now),
+        let q = match self.queries.admit(new, deadline, &mut self.timers) {
+            Ok(Admit::Queued(q)) => {
+                self.send(q, now);
+                q
+            }
+            Ok(Admit::Merged(q)) => {
+                self.stats.merged += 1;
+                q
+            }
+            Err(refused) => return self.refuse_busy(refused, client_len, now),
+        };
+        // An expired answer is there: if the upstreams cannot answer in
+        // time, the client gets it (RFC 8767 §5's client response timer).
+        if stale && self.queries.get(q).is_some() {
+            self.timers.add(now + self.settings.stale_after, Timer::StaleAnswer(q));
         }
+    }
+
+    /// A hit late in its entry's life: refresh it upstream in the
+    /// background, once per entry (a refresh in flight is the leader that
+    /// identical queries merge behind), never in the room clients need.
+    fn prefetch(&mut self, query: Query, mut msg: Vec<u8>, now: Instant) {
+        if self.queries.in_flight_for(&self.bufs.key) {
+            self.bufs.put(msg);
+            return;
+        }
+        let client_len = msg.len();
+        if self.settings.padding > 0 || query.client_subnet {
+            let mut padded = self.bufs.take();
+            let padding = self.settings.padding;
+            pad_query(&mut padded, &msg, &query, padding, padding > 0);
+            self.bufs.put(std::mem::replace(&mut msg, padded));
+        }
+        let new = NewQuery {
+            origin: Origin::Prefetch,
+            client_len,
+            client: None,
+            query,
+            msg,
+            key: Some(Box::from(self.bufs.key.as_slice())),
+        };
+        match self.queries.admit(new, now + self.settings.timeout, &mut self.timers) {
+            Ok(Admit::Queued(q)) => {
+                if let Some(c) = &mut self.cache {
+                    c.note_prefetch();
+                }
+                self.send(q, now);
+            }
+            Ok(Admit::Merged(_)) => {}
+            Err(refused) => self.bufs.put(refused.msg),
+        }
+    }
+
+    /// The client response timer of a query with a stale answer available:
+    /// still no answer from upstream, so the client gets the stale one and
+    /// the query stays in flight to refresh the cache.
+    pub(super) fn answer_stale(&mut self, q: QueryRef, now: Instant) {
+        if self.queries.get(q).is_none_or(|p| p.stale_served()) {
+            return;
+        }
+        if self.deliver_stale(q, now) {
+            if let Some(p) = self.queries.get_mut(q) {
+                p.serve_stale();
+            }
+        }
+    }
+
+    /// Deliver the cache's stale answer for query `q`, if there is one.
+    fn deliver_stale(&mut self, q: QueryRef, now: Instant) -> bool {
+        let (Some(cache), Some(p)) = (&mut self.cache, self.queries.get(q)) else {
+            return false;
+        };
+        let Some(key) = p.key() else { return false };
+        let mut reply = std::mem::take(&mut self.bufs.reply);
+        let found = cache.stale(key, p.query(), p.msg(), now, &mut reply);
+        if found {
+            let (origin, query, msg) = (p.origin(), p.query().clone(), p.msg().to_vec());
+            self.stats.answers += 1;
+            self.deliver(origin, Some(&query), &msg, &reply, now);
+        }
+        self.bufs.reply = reply;
+        found
     }
 
     /// Over an in-flight limit: REFUSED at once, never larger than the
@@ -347,10 +430,15 @@ impl Proxy {
         if let (Some(cache), Some(key)) = (&mut self.cache, p.key()) {
             cache.insert(key, answer, now);
         }
-        self.stats.answers += 1;
-        self.deliver(p.origin(), Some(p.query()), p.msg(), answer, now);
+        if !p.stale_served() && p.origin() != Origin::Prefetch {
+            self.stats.answers += 1;
+            self.deliver(p.origin(), Some(p.query()), p.msg(), answer, now);
+        }
         for f in p.take_followers() {
             let Some(f) = self.queries.settle(f) else { continue };
+            if f.stale_served() {
+                continue;
+            }
             restore_for_client(answer, f.query(), f.msg());
             self.stats.answers += 1;
             self.deliver(f.origin(), Some(f.query()), f.msg(), answer, now);
@@ -375,8 +463,15 @@ impl Proxy {
         failing.clear();
         failing.push(q);
         while let Some(q) = failing.pop() {
+            // A client that has (or can get) a stale answer gets that
+            // instead of an error (RFC 8767 §5).
+            let served = self.queries.get(q).is_some_and(|p| p.stale_served()) || self.deliver_stale(q, now);
             let Some(mut p) = self.queries.settle(q) else { continue };
             failing.extend(p.take_followers());
+            if served || p.origin() == Origin::Prefetch {
+                self.bufs.put(p.into_msg());
+                continue;
+            }
             if rcode == Rcode::ServFail {
                 self.stats.servfail += 1;
             }
@@ -398,6 +493,7 @@ impl Proxy {
             }
         }
         match origin {
+            Origin::Prefetch => {}
             Origin::Udp { listener, peer } => {
                 let budget = query.map_or(512, |q| q.udp_budget(MAX_UDP));
                 let mut t = std::mem::take(&mut self.bufs.truncated);
@@ -438,6 +534,7 @@ impl Proxy {
                 .clients
                 .peer(key)
                 .map_or_else(|| "tcp ?".into(), |p| format!("tcp {p}")),
+            Origin::Prefetch => "prefetch".into(),
         }
     }
 }

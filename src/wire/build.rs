@@ -12,6 +12,8 @@ use super::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EdeCode {
     Other,
+    /// RFC 8914 §4.4: an answer served from expired data (RFC 8767).
+    StaleAnswer,
     Prohibited,
     NotSupported,
     NoReachableAuthority,
@@ -22,6 +24,7 @@ impl From<EdeCode> for u16 {
     fn from(c: EdeCode) -> u16 {
         match c {
             EdeCode::Other => 0,
+            EdeCode::StaleAnswer => 3,
             EdeCode::Prohibited => 18,
             EdeCode::NotSupported => 21,
             EdeCode::NoReachableAuthority => 22,
@@ -174,4 +177,29 @@ pub fn pad_query(out: &mut Vec<u8>, msg: &[u8], info: &Query, block: u16, keepal
     }
     let rdlen = (out.len() - rdlen_at - 2) as u16;
     put_u16(out, rdlen_at, rdlen);
+}
+
+/// Append an Extended DNS Error to an answer's OPT record. `false` (and
+/// nothing changed) when the answer has no OPT, or records follow it
+/// (cutting into them would shift names that pointers lead to).
+pub fn add_ede(answer: &mut Vec<u8>, ede: Ede) -> bool {
+    let Ok(w) = super::query::walk(answer) else {
+        return false;
+    };
+    let Some(o) = w.opt.filter(|o| o.end == w.end && w.end == answer.len()) else {
+        return false;
+    };
+    let text = ede.text.as_bytes();
+    let Ok(optlen) = u16::try_from(2 + text.len()) else {
+        return false;
+    };
+    let Some(rdlen) = u16_at(answer, o.rdata - 2).and_then(|n| n.checked_add(4 + optlen)) else {
+        return false;
+    };
+    put_u16(answer, o.rdata - 2, rdlen);
+    answer.extend_from_slice(&OPT_EDE.to_be_bytes());
+    answer.extend_from_slice(&optlen.to_be_bytes());
+    answer.extend_from_slice(&u16::from(ede.code).to_be_bytes());
+    answer.extend_from_slice(text);
+    true
 }

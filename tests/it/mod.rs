@@ -2,6 +2,7 @@
 //! other module runs the real binary.
 
 mod basic;
+mod cache;
 mod cli;
 mod failures;
 mod fault_client;
