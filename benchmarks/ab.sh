@@ -239,21 +239,6 @@ wait_until "$UP_PID" 15 0.25 probe "$UP_PLAIN" || {
 }
 
 # ---------------------------------------------------------------- helpers
-sys_busy_ticks() { # busy ticks of all CPUs, from /proc/stat
-    local _cpu user nice system _idle _iowait irq softirq steal _rest
-    read -r _cpu user nice system _idle _iowait irq softirq steal _rest </proc/stat
-    echo $((user + nice + system + irq + softirq + steal))
-}
-# children_cpu_ms VAR: user+sys CPU (ms) of the reaped children of this shell
-# (`times` must run in this shell, not in a subshell)
-children_cpu_ms() {
-    times >"$WORK/times.txt"
-    local line m1 s1 m2 s2
-    line=$(tail -n 1 "$WORK/times.txt")
-    # shellcheck disable=SC2001
-    read -r m1 s1 m2 s2 <<<"$(sed 's/\([0-9]*\)m\([0-9]*\)\.\([0-9]*\)s/\1 \2\3/g' <<<"$line")"
-    printf -v "$1" '%s' $(((10#$m1 + 10#$m2) * 60000 + 10#$s1 + 10#$s2))
-}
 QUIET_MAX_PCT=20
 # quiet_wait: until a 1 s sample of the whole machine's busy time is under
 # QUIET_MAX_PCT % of one CPU (nothing of ours runs then but the idle

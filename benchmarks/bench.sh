@@ -217,22 +217,6 @@ wait_ready() {
     wait_until "${PID_OF[$1]}" 15 0.25 python3 "$HERE/benchlib.py" probe "$2" h00001.bench.test udp tcp
 }
 
-sys_busy_ticks() { # busy ticks of all CPUs from /proc/stat
-    local _cpu user nice system idle iowait irq softirq steal rest
-    read -r _cpu user nice system idle iowait irq softirq steal rest </proc/stat
-    echo $((user + nice + system + irq + softirq + steal))
-}
-# children_cpu_ms VAR: user+sys CPU (ms) of the waited-for children of this
-# shell. `times` must run in this shell, not in a $(...) subshell (a forked
-# subshell has no children's times of its own).
-children_cpu_ms() {
-    times >"$WORK/times.txt"
-    local line m1 s1 m2 s2
-    line=$(tail -n 1 "$WORK/times.txt")
-    read -r m1 s1 m2 s2 <<<"$(sed 's/\([0-9]*\)m\([0-9]*\)\.\([0-9]*\)s/\1 \2\3/g' <<<"$line")"
-    # each field is minutes, then seconds*1000 (three decimals in bash's format)
-    printf -v "$1" '%s' $(((10#$m1 + 10#$m2) * 60000 + 10#$s1 + 10#$s2))
-}
 udp_rcvbuf() { # receive buffer of the UDP socket listening on PORT
     ss -Hlunm "( sport = :$1 )" 2>/dev/null | grep -o 'rb[0-9]*' | head -n 1 | tr -d rb
 }

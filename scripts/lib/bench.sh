@@ -59,3 +59,22 @@ dnsperf_version() {
 cpu_model() {
     sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1
 }
+
+sys_busy_ticks() { # busy ticks of all CPUs, from /proc/stat
+    local _cpu user nice system _idle _iowait irq softirq steal _rest
+    read -r _cpu user nice system _idle _iowait irq softirq steal _rest </proc/stat
+    echo $((user + nice + system + irq + softirq + steal))
+}
+
+# children_cpu_ms VAR: user+sys CPU (ms) of the waited-for children of this
+# shell, through $WORK/times.txt. `times` must run in this shell, not in a
+# $(...) subshell (a forked subshell has no children's times of its own).
+children_cpu_ms() {
+    times >"$WORK/times.txt"
+    local line m1 s1 m2 s2
+    line=$(tail -n 1 "$WORK/times.txt")
+    # shellcheck disable=SC2001
+    read -r m1 s1 m2 s2 <<<"$(sed 's/\([0-9]*\)m\([0-9]*\)\.\([0-9]*\)s/\1 \2\3/g' <<<"$line")"
+    # each field is minutes, then seconds*1000 (three decimals in bash's format)
+    printf -v "$1" '%s' $(((10#$m1 + 10#$m2) * 60000 + 10#$s1 + 10#$s2))
+}
