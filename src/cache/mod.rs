@@ -91,7 +91,9 @@ pub struct Cache {
 impl Cache {
     pub fn new(policy: Policy) -> Cache {
         Cache {
-            map: HashMap::with_capacity(policy.max_entries.min(65_536)),
+            // Grown as entries come: a capacity sized by --cache-size would be
+            // resident memory for entries that may never exist.
+            map: HashMap::new(),
             clock: VecDeque::new(),
             policy,
             bytes: 0,
