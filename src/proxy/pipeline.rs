@@ -465,7 +465,10 @@ impl Proxy {
         while let Some(q) = failing.pop() {
             // A client that has (or can get) a stale answer gets that
             // instead of an error (RFC 8767 §5).
-            let served = self.queries.get(q).is_some_and(|p| p.stale_served()) || self.deliver_stale(q, now);
+            // (A failed prefetch has no client: its entry stays as it is.)
+            let prefetch = self.queries.get(q).is_some_and(|p| p.origin() == Origin::Prefetch);
+            let served =
+                !prefetch && (self.queries.get(q).is_some_and(|p| p.stale_served()) || self.deliver_stale(q, now));
             let Some(mut p) = self.queries.settle(q) else { continue };
             failing.extend(p.take_followers());
             if served || p.origin() == Origin::Prefetch {
