@@ -73,6 +73,14 @@ pub struct View<'a> {
 pub struct Exposition(pub String);
 
 impl Exposition {
+    /// Counters without labels: a header and one sample each.
+    pub fn counters(&mut self, list: &[(&str, &str, u64)]) {
+        for &(name, help, n) in list {
+            self.header(name, "counter", help);
+            self.sample(name, &[], n);
+        }
+    }
+
     pub fn header(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
@@ -129,10 +137,7 @@ pub fn render(v: &View<'_>) -> String {
                 s.evictions,
             ),
         ];
-        for (name, help, n) in counters {
-            e.header(name, "counter", help);
-            e.sample(name, &[], n);
-        }
+        e.counters(&counters);
         e.header(
             "dotproxy_merged_total",
             "counter",
@@ -183,10 +188,7 @@ fn client_side(e: &mut Exposition, s: &Stats) {
             s.retried,
         ),
     ];
-    for (name, help, n) in simple {
-        e.header(name, "counter", help);
-        e.sample(name, &[], n);
-    }
+    e.counters(&simple);
     let name = "dotproxy_dropped_total";
     e.header(name, "counter", "Client messages dropped without an answer, by reason.");
     e.sample(name, &[("reason", "malformed")], s.dropped.malformed);
