@@ -43,7 +43,12 @@ pub struct Listeners {
 
 impl Listeners {
     /// Bind UDP and TCP on every address and register them.
-    pub fn bind(addrs: &[SocketAddr], reuseport: bool, registry: &Registry) -> Result<Listeners, String> {
+    pub fn bind(
+        addrs: &[SocketAddr],
+        reuseport: bool,
+        max_query: usize,
+        registry: &Registry,
+    ) -> Result<Listeners, String> {
         if addrs.len() > MAX_LISTENERS {
             return Err(format!("at most {MAX_LISTENERS} listen addresses"));
         }
@@ -67,7 +72,7 @@ impl Listeners {
             info!("listening on tcp {ta}");
             l.bound.push(("udp", ua));
             l.bound.push(("tcp", ta));
-            l.udp.push(UdpListener::new(u));
+            l.udp.push(UdpListener::new(u, max_query));
             l.tcp.push(Some(t));
             l.retry_armed.push(false);
         }
@@ -133,6 +138,13 @@ impl Listeners {
             if let Some(mut l) = t.take() {
                 let _ = registry.deregister(&mut l);
             }
+        }
+    }
+
+    /// --max-query-size changed: the UDP receive slots follow it.
+    pub fn set_max_query(&mut self, max_query: usize) {
+        for u in &mut self.udp {
+            u.set_max_query(max_query);
         }
     }
 

@@ -98,7 +98,7 @@ impl Buffers {
 
     fn put(&mut self, mut buf: Vec<u8>) {
         // Neither a burst nor a few big messages can pin much memory.
-        if self.free.len() < 2048 && buf.capacity() <= 512 {
+        if self.free.len() < 2048 && (1..=512).contains(&buf.capacity()) {
             buf.clear();
             self.free.push(buf);
         }
@@ -162,7 +162,7 @@ impl Proxy {
     pub fn bind(cfg: &Config) -> Result<Proxy, String> {
         let nofile = crate::listen::socket::raise_nofile();
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-        let listeners = Listeners::bind(&cfg.listen, cfg.reuseport, poll.registry())?;
+        let listeners = Listeners::bind(&cfg.listen, cfg.reuseport, cfg.limits.max_query_size, poll.registry())?;
         let pool = Pool::new(cfg)?;
         let (http, _) = HttpServer::bind(cfg.metrics, poll.registry())?;
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -369,6 +369,7 @@ impl Proxy {
     fn flush(&mut self, now: Instant) {
         self.pool.flush();
         self.clients.flush(now);
+        self.listeners.flush_udp();
     }
 
     /// Close what was marked for closing. The unanswered queries of a
@@ -391,6 +392,7 @@ impl Proxy {
         }
         // Answers from this turn's re-sends and failures, before closing.
         self.clients.flush(now);
+        self.listeners.flush_udp();
         self.clients.reap(self.poll.registry());
         self.http.reap(self.poll.registry());
     }
@@ -477,6 +479,7 @@ impl Proxy {
             client_limits(&cfg),
         );
         self.settings = Settings::of(&cfg, self.settings.nofile);
+        self.listeners.set_max_query(self.settings.max_query_size);
         let settings = &self.settings;
         let closed = self.clients.retain_allowed(|ip| settings.allowed(ip));
         if closed > 0 {

@@ -32,9 +32,13 @@ impl Proxy {
         l.begin();
         loop {
             let Some(l) = self.listeners.udp(i) else { return };
-            let (n, peer) = match l.recv(&mut self.bufs.read) {
-                Recv::Datagram(n, peer) => (n, peer),
-                Recv::Empty | Recv::Batch => return,
+            let mut msg = self.bufs.take();
+            let peer = match l.recv(&mut msg) {
+                Recv::Datagram(peer) => peer,
+                Recv::Empty | Recv::Batch => {
+                    self.bufs.put(msg);
+                    return;
+                }
             };
             self.stats.queries_udp += 1;
             if !self.settings.allowed(peer.ip()) {
@@ -44,10 +48,9 @@ impl Proxy {
                 let ip = peer.ip();
                 let what = format_args!("udp query from {ip} dropped: not in --allow");
                 self.notices.warn(Notice::AccessList, now, what);
+                self.bufs.put(msg);
                 continue;
             }
-            let mut msg = self.bufs.take();
-            msg.extend_from_slice(self.bufs.read.get(..n).unwrap_or_default());
             self.handle_query(msg, Origin::Udp { listener: i, peer }, peer.ip(), now);
         }
     }
