@@ -36,7 +36,11 @@ OPTIONS:
       --forward ZONE=UPSTREAM     send names at or under ZONE to UPSTREAM (same form
                                   as --upstream, plus @ca=PATH for its own CA);
                                   repeatable, several per zone allowed; the longest
-                                  matching zone wins, other names go to --upstream
+                                  matching zone wins, other names go to --upstream.
+                                  UPSTREAM plain:IP[:PORT] (port 53 by default) is a
+                                  plain DNS server spoken to over TCP, UNENCRYPTED
+                                  and unauthenticated: for a cluster's own DNS
+                                  service, e.g. cluster.local=plain:10.96.0.10
       --reuseport                 bind the listeners with SO_REUSEPORT, so several
                                   dotproxy processes can share one address and the
                                   kernel spreads clients over them (one per core)
@@ -119,11 +123,15 @@ pub struct Upstream {
     pub pins: Vec<[u8; 32]>,
     /// This upstream's own CA file (`@ca=PATH`), e.g. a corporate resolver.
     pub ca_file: Option<PathBuf>,
+    /// Plain DNS over TCP, unencrypted: only a `--forward` zone's
+    /// `plain:IP:PORT`, e.g. a cluster's own DNS service.
+    pub plain: bool,
 }
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.name {
+            _ if self.plain => write!(f, "plain:{}", self.addr)?,
             ServerName::DnsName(n) => write!(f, "{}#{}", self.addr, n.as_ref())?,
             _ => write!(f, "{}", self.addr)?,
         }
@@ -373,6 +381,11 @@ impl Upstream {
     /// authenticated (RFC 8310): by a name, by SPKI pins, or both (then
     /// both must hold).
     pub fn parse(spec: &str) -> Result<Upstream, String> {
+        if spec.starts_with("plain:") {
+            return Err(format!(
+                "upstream {spec:?}: plain DNS is unencrypted; it is allowed only for a zone, as --forward ZONE={spec}"
+            ));
+        }
         let mut parts = spec.split('@');
         let head = parts.next().unwrap_or_default();
         let mut pins = Vec::new();
@@ -414,6 +427,7 @@ impl Upstream {
                 name: ServerName::IpAddress(addr.ip().into()),
                 pins,
                 ca_file,
+                plain: false,
             });
         };
         let name = ServerName::try_from(name.to_string())
@@ -425,6 +439,26 @@ impl Upstream {
             name,
             pins,
             ca_file,
+            plain: false,
+        })
+    }
+
+    /// Parse the `IP[:PORT]` of `plain:IP[:PORT]` (port 53 by default): a
+    /// plain DNS server, spoken to over TCP.
+    pub fn parse_plain(addr: &str) -> Result<Upstream, String> {
+        let spec = format!("plain:{addr}");
+        if addr.contains('#') || addr.contains('@') {
+            return Err(format!(
+                "upstream {spec:?}: a plain DNS server is not authenticated; #NAME, @pin and @ca do not apply"
+            ));
+        }
+        let addr = parse_addr(addr, 53).map_err(|e| format!("upstream {spec:?}: {e}"))?;
+        Ok(Upstream {
+            addr,
+            name: ServerName::IpAddress(addr.ip().into()),
+            pins: Vec::new(),
+            ca_file: None,
+            plain: true,
         })
     }
 }
@@ -572,7 +606,11 @@ fn forward(f: &str) -> Result<(String, Upstream), Exit> {
     if !valid {
         return Err(Exit::Usage(format!("--forward {f:?}: {zone:?} is not a zone name")));
     }
-    Ok((zone, Upstream::parse(up).map_err(Exit::Usage)?))
+    let up = match up.strip_prefix("plain:") {
+        Some(addr) => Upstream::parse_plain(addr),
+        None => Upstream::parse(up),
+    };
+    Ok((zone, up.map_err(Exit::Usage)?))
 }
 
 fn timeout(ms: Option<u64>) -> Result<Duration, Exit> {
@@ -730,6 +768,12 @@ mod tests {
         assert!(Upstream::parse("127.0.0.1#dns.test@pin=abc").is_err());
         assert!(Upstream::parse("127.0.0.1#dns.test@foo=abc").is_err());
         assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        let c = parse(args(&["--forward", "cluster.local=plain:10.96.0.10"])).unwrap();
+        let (zone, up) = &c.forwards[0];
+        assert_eq!(zone, "cluster.local");
+        assert!(up.plain);
+        assert_eq!(up.to_string(), "plain:10.96.0.10:53");
+        assert!(parse(args(&["--upstream", "plain:10.96.0.10"])).is_err());
         let c = parse(args(&["--forward", "Corp.Example.=10.0.0.53#dns.corp.example"])).unwrap();
         assert_eq!(c.forwards[0].0, "corp.example");
         assert!(parse(args(&["--forward", "corp.example"])).is_err());

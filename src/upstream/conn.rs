@@ -1,7 +1,8 @@
-//! One DNS-over-TLS connection to an upstream resolver: a transport (a
-//! non-blocking TCP socket in the proxy, an in-memory pipe in tests), a
-//! `rustls::ClientConnection`, the frames read from it and the table of
-//! the queries sent on it under rewritten IDs.
+//! One connection to an upstream resolver: a transport (a non-blocking
+//! TCP socket in the proxy, an in-memory pipe in tests), a session over it
+//! (a `rustls::ClientConnection` for DNS over TLS, or nothing for a plain
+//! DNS server in a `--forward` zone), the frames read from it and the
+//! table of the queries sent on it under rewritten IDs.
 //!
 //! The connection moves bytes and tracks its own life; choosing
 //! connections, retrying queries and answering clients belong to the pool
@@ -232,6 +233,59 @@ const READ_CHUNK: usize = 64 * 1024;
 /// the next turn, after other sockets had theirs.
 const READ_BUDGET: usize = 4 * READ_CHUNK;
 
+/// What runs over the byte stream.
+enum Session {
+    Tls(Box<ClientConnection>),
+    /// Plain DNS over TCP (RFC 7766): framed queries go to the socket as
+    /// they are; `unsent` is what the socket did not take yet.
+    Plain {
+        unsent: Vec<u8>,
+    },
+}
+
+impl Session {
+    fn wants_write(&self) -> bool {
+        match self {
+            Session::Tls(tls) => tls.wants_write(),
+            Session::Plain { unsent } => !unsent.is_empty(),
+        }
+    }
+
+    fn is_handshaking(&self) -> bool {
+        match self {
+            Session::Tls(tls) => tls.is_handshaking(),
+            Session::Plain { .. } => false,
+        }
+    }
+
+    /// Take framed queries for sending.
+    fn queue(&mut self, framed: &[u8]) -> io::Result<()> {
+        match self {
+            // With the buffer limit off, rustls takes everything at once.
+            Session::Tls(tls) => tls.writer().write_all(framed),
+            Session::Plain { unsent } => {
+                unsent.extend_from_slice(framed);
+                Ok(())
+            }
+        }
+    }
+
+    /// One write of what is due to the socket.
+    fn write_to(&mut self, sock: &mut impl Write) -> io::Result<usize> {
+        match self {
+            Session::Tls(tls) => tls.write_tls(sock),
+            Session::Plain { unsent } => {
+                let n = sock.write(unsent)?;
+                unsent.drain(..n.min(unsent.len()));
+                if unsent.is_empty() && unsent.capacity() > READ_CHUNK {
+                    *unsent = Vec::new();
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
 pub struct UpstreamConn<S = TcpStream> {
     /// Index of the configured upstream this connection belongs to.
     upstream: usize,
@@ -239,7 +293,7 @@ pub struct UpstreamConn<S = TcpStream> {
     gen: u32,
     state: ConnState,
     sock: S,
-    tls: ClientConnection,
+    session: Session,
     /// Plaintext answers not yet handed out.
     decoder: FrameDecoder,
     /// Framed queries written this turn; encrypted together at the flush,
@@ -272,11 +326,21 @@ impl UpstreamConn<TcpStream> {
         config: &Arc<rustls::ClientConfig>,
         now: Instant,
     ) -> Result<Self, CloseReason> {
+        UpstreamConn::new(Self::open(addr)?, upstream, gen, name, config, now)
+    }
+
+    /// Start a non-blocking connect to a plain DNS server (a `--forward`
+    /// zone's `plain:` upstream): no TLS, the same framing and pipelining.
+    pub fn connect_plain(upstream: usize, gen: u32, addr: SocketAddr, now: Instant) -> Result<Self, CloseReason> {
+        Ok(UpstreamConn::plain(Self::open(addr)?, upstream, gen, now))
+    }
+
+    fn open(addr: SocketAddr) -> Result<TcpStream, CloseReason> {
         let sock = TcpStream::connect(addr).map_err(CloseReason::Connect)?;
         // Queries are small and latency matters more than segment count;
         // coalescing already happens in `out`.
         let _ = sock.set_nodelay(true);
-        UpstreamConn::new(sock, upstream, gen, name, config, now)
+        Ok(sock)
     }
 
     pub fn source(&mut self) -> &mut TcpStream {
@@ -297,12 +361,27 @@ impl<S: Transport> UpstreamConn<S> {
         // The proxy bounds what is queued (in-flight caps); a rustls limit
         // would instead cut a frame in half inside `write`.
         tls.set_buffer_limit(None);
-        Ok(UpstreamConn {
+        Ok(UpstreamConn::with_session(
+            sock,
+            Session::Tls(Box::new(tls)),
+            upstream,
+            gen,
+            now,
+        ))
+    }
+
+    /// A plain DNS connection over `sock`.
+    pub fn plain(sock: S, upstream: usize, gen: u32, now: Instant) -> Self {
+        UpstreamConn::with_session(sock, Session::Plain { unsent: Vec::new() }, upstream, gen, now)
+    }
+
+    fn with_session(sock: S, session: Session, upstream: usize, gen: u32, now: Instant) -> Self {
+        UpstreamConn {
             upstream,
             gen,
             state: ConnState::Connecting,
             sock,
-            tls,
+            session,
             decoder: FrameDecoder::default(),
             out: Vec::new(),
             ids: IdTable::default(),
@@ -323,7 +402,7 @@ impl<S: Transport> UpstreamConn<S> {
             serial: None,
             drain: None,
             dirty: false,
-        })
+        }
     }
 
     pub fn upstream(&self) -> usize {
@@ -483,15 +562,14 @@ impl<S: Transport> UpstreamConn<S> {
     }
 
     pub fn has_output(&self) -> bool {
-        !self.out.is_empty() || self.tls.wants_write()
+        !self.out.is_empty() || self.session.wants_write()
     }
 
     /// Hand queued queries to rustls and write what it has to the socket,
     /// until done or the socket is full (WRITABLE resumes it).
     pub fn flush(&mut self) -> Result<(), CloseReason> {
         if !self.out.is_empty() {
-            // With the buffer limit off, rustls takes everything at once.
-            self.tls.writer().write_all(&self.out).map_err(CloseReason::Io)?;
+            self.session.queue(&self.out).map_err(CloseReason::Io)?;
             self.out.clear();
             if self.out.capacity() > READ_CHUNK {
                 self.out = Vec::new();
@@ -500,8 +578,8 @@ impl<S: Transport> UpstreamConn<S> {
         if self.state == ConnState::Connecting {
             return Ok(());
         }
-        while self.tls.wants_write() {
-            match self.tls.write_tls(&mut self.sock) {
+        while self.session.wants_write() {
+            match self.session.write_to(&mut self.sock) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -524,7 +602,7 @@ impl<S: Transport> UpstreamConn<S> {
             self.state = ConnState::Handshaking;
         }
         let result = self.read_all(scratch, now);
-        let became_ready = self.state == ConnState::Handshaking && !self.tls.is_handshaking();
+        let became_ready = self.state == ConnState::Handshaking && !self.session.is_handshaking();
         if became_ready {
             self.state = ConnState::Ready;
             self.was_ready = true;
@@ -555,9 +633,13 @@ impl<S: Transport> UpstreamConn<S> {
             }
             let n = match self.sock.read(scratch) {
                 Ok(0) => {
+                    let Session::Tls(tls) = &mut self.session else {
+                        // Closing is how a plain DNS server ends a stream.
+                        return Err(CloseReason::Eof { clean: true });
+                    };
                     // Let rustls see the EOF: it tells a clean close_notify
                     // from a truncation attack.
-                    let _ = self.tls.read_tls(&mut io::empty());
+                    let _ = tls.read_tls(&mut io::empty());
                     let clean = self.decrypt()?;
                     return Err(CloseReason::Eof { clean });
                 }
@@ -570,8 +652,13 @@ impl<S: Transport> UpstreamConn<S> {
             budget = budget.saturating_sub(n);
             *got_any = true;
             let mut input = scratch.get(..n).unwrap_or(&[]);
+            if matches!(self.session, Session::Plain { .. }) {
+                self.decoder.push(input);
+                continue;
+            }
             while !input.is_empty() {
-                match self.tls.read_tls(&mut input) {
+                let Session::Tls(tls) = &mut self.session else { break };
+                match tls.read_tls(&mut input) {
                     Ok(0) => return Err(CloseReason::Io(io::Error::other("TLS layer refused input"))),
                     Ok(_) => {}
                     Err(e) => return Err(CloseReason::Io(e)),
@@ -586,13 +673,16 @@ impl<S: Transport> UpstreamConn<S> {
     /// Process buffered TLS records and move the plaintext into the frame
     /// decoder. Returns true once the server has sent close_notify.
     fn decrypt(&mut self) -> Result<bool, CloseReason> {
-        let state = match self.tls.process_new_packets() {
+        let Session::Tls(tls) = &mut self.session else {
+            return Ok(false);
+        };
+        let state = match tls.process_new_packets() {
             Ok(state) => state,
             Err(e) => {
                 // Last gasp: tell the server why (the alert rustls queued,
                 // maybe behind other records), as far as the socket takes it.
-                while self.tls.wants_write() {
-                    if self.tls.write_tls(&mut self.sock).is_err() {
+                while tls.wants_write() {
+                    if tls.write_tls(&mut self.sock).is_err() {
                         break;
                     }
                 }
@@ -604,7 +694,7 @@ impl<S: Transport> UpstreamConn<S> {
             let buf = self.decoder.spare(want);
             let mut got = 0;
             while got < want {
-                match self.tls.reader().read(buf.get_mut(got..).unwrap_or(&mut [])) {
+                match tls.reader().read(buf.get_mut(got..).unwrap_or(&mut [])) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => got += n,
                 }
@@ -688,7 +778,10 @@ impl<S: Transport> UpstreamConn<S> {
     }
 
     pub fn resumed(&self) -> bool {
-        self.tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        match &self.session {
+            Session::Tls(tls) => tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            Session::Plain { .. } => false,
+        }
     }
 
     /// End the connection: close_notify when the close is ours and polite,
@@ -701,7 +794,9 @@ impl<S: Transport> UpstreamConn<S> {
             held.clear();
         }
         if reason.is_polite() && self.state != ConnState::Connecting {
-            self.tls.send_close_notify();
+            if let Session::Tls(tls) = &mut self.session {
+                tls.send_close_notify();
+            }
             let _ = self.flush();
         }
         self.ids.drain_live(orphans);

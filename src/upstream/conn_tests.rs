@@ -983,3 +983,73 @@ fn one_turn_reads_at_most_its_budget_and_the_next_turns_the_rest() {
     assert_eq!(got, want);
     assert_eq!(r.conn.live(), 0);
 }
+
+/// A plain DNS connection (`--forward ZONE=plain:`): ready as soon as TCP
+/// connects, queries leave framed as they are under fresh IDs, pipelined
+/// answers come back in one read, a partial write resumes, and a close by
+/// the server is an ordinary end of stream.
+#[test]
+fn a_plain_connection_frames_queries_as_they_are_and_reads_answers_back() {
+    let wire = Wire::new();
+    let t0 = Instant::now();
+    let mut conn = UpstreamConn::plain(ClientEnd(Rc::clone(&wire)), 0, 1, t0);
+    let mut rng = IdRng::default();
+    let mut scratch = vec![0u8; 65536];
+    let a = query(0x1111, "a.cluster.local", 1, None);
+    let b = query(0x2222, "b.cluster.local", 1, None);
+    let ida = conn.send(qref(1), &a, &mut rng, t0).unwrap();
+    conn.flush().unwrap();
+    assert_eq!(wire.pending_to_server(), 0, "nothing leaves before the connect");
+    wire.connected.set(true);
+    assert!(conn.on_ready(&mut scratch, t0).unwrap(), "ready without a handshake");
+    assert_eq!(conn.state(), ConnState::Ready);
+
+    // The socket takes 10 bytes, then the rest once it has room again.
+    wire.write_room.set(10);
+    let idb = conn.send(qref(2), &b, &mut rng, t0).unwrap();
+    conn.flush().unwrap();
+    assert!(conn.has_output());
+    wire.write_room.set(usize::MAX);
+    conn.flush().unwrap();
+    assert!(!conn.has_output());
+    let sent: Vec<u8> = wire.to_server.borrow_mut().drain(..).collect();
+    let mut expect = Vec::new();
+    push_frame(&mut expect, &answer_to(&a, ida)[..]);
+    push_frame(&mut expect, &answer_to(&b, idb)[..]);
+    // The same bytes as the queries with their new IDs (QR aside).
+    for i in [4, 4 + a.len() + 2] {
+        expect[i] &= 0x7f;
+    }
+    assert_eq!(sent, expect);
+    assert_ne!((ida, idb), (0x1111, 0x2222));
+
+    // Both answers, out of order, in one segment.
+    let mut both = Vec::new();
+    push_frame(&mut both, &answer_to(&b, idb));
+    push_frame(&mut both, &answer_to(&a, ida));
+    wire.to_client.borrow_mut().extend(&both);
+    conn.on_ready(&mut scratch, t0).unwrap();
+    let mut frame = Vec::new();
+    let got: Vec<Answer> = std::iter::from_fn(|| conn.next_answer(&mut frame, t0))
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            Answer::Live {
+                id: idb,
+                query: qref(2)
+            },
+            Answer::Live {
+                id: ida,
+                query: qref(1)
+            }
+        ]
+    );
+    wire.server_closed.set(true);
+    assert!(matches!(
+        conn.on_ready(&mut scratch, t0),
+        Err(CloseReason::Eof { clean: true })
+    ));
+    assert!(!conn.resumed());
+}

@@ -353,7 +353,12 @@ impl Pool {
         let gen = self.next_gen;
         let up = self.upstreams.get_mut(u)?;
         up.stats.connects += 1;
-        let mut conn = match UpstreamConn::connect(u, gen, up.cfg.addr, &up.cfg.name, &up.tls, now) {
+        let opened = if up.cfg.plain {
+            UpstreamConn::connect_plain(u, gen, up.cfg.addr, now)
+        } else {
+            UpstreamConn::connect(u, gen, up.cfg.addr, &up.cfg.name, &up.tls, now)
+        };
+        let mut conn = match opened {
             Ok(c) => c,
             Err(reason) if reason.is_local_exhaustion() => {
                 // Our descriptors ran out, not the server: no back-off,
@@ -904,7 +909,11 @@ fn build(cfg: &Config) -> Result<(Vec<Upstream>, Vec<Vec<u8>>), String> {
             role,
             srtt: None,
             cfg: u.clone(),
-            tls: super::tls::for_upstream(&shared, cfg.ca_file.as_deref(), u)?,
+            tls: if u.plain {
+                Arc::clone(&shared)
+            } else {
+                super::tls::for_upstream(&shared, cfg.ca_file.as_deref(), u)?
+            },
             trust: trust_digest(u.ca_file.as_deref().or(cfg.ca_file.as_deref())),
             label: u.to_string(),
             conns: Vec::new(),

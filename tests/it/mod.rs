@@ -19,4 +19,5 @@ mod hardening_upstreams;
 mod harness;
 mod malformed;
 mod pipelining;
+mod plain;
 mod reload;

@@ -9,6 +9,7 @@
 //! - `wire`: hand-built queries/answers (OPT options, exact sizes, EDE).
 //! - `metrics`: /metrics scraping, /proc CPU and memory, quiescence check.
 //! - `net`: source-bound connects, RST, urgent data, a raw TCP server.
+//! - `plain`: a plain DNS-over-TCP server, for `--forward ZONE=plain:`.
 
 // Not every helper is used by every test (the harness is meant to grow).
 #![allow(dead_code, unused_imports)]
@@ -18,6 +19,7 @@ pub mod client;
 pub mod dns;
 pub mod metrics;
 pub mod net;
+pub mod plain;
 pub mod proxy;
 pub mod tls_client;
 pub mod upstream;
