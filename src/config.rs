@@ -104,6 +104,10 @@ OPTIONS:
                                   SIGHUP re-reads it and applies upstreams, forwards,
                                   access list, padding, timeout and limits without
                                   dropping queries in flight
+      --watch-config SECONDS      also reload when the --config file's content
+                                  changes, checked every SECONDS (1 to 3600; default
+                                  off): a Kubernetes ConfigMap update, which
+                                  cannot send a signal
   -h, --help                      print this help
   -V, --version                   print the version
 
@@ -190,6 +194,9 @@ pub struct Config {
     pub cache: CacheOptions,
     /// Bind the listeners with SO_REUSEPORT (several processes, one port).
     pub reuseport: bool,
+    /// The --config file, and how often to look for a change to it.
+    pub config_file: Option<PathBuf>,
+    pub watch_config: Option<Duration>,
 }
 
 /// The bounds on what clients can make the proxy hold.
@@ -509,7 +516,7 @@ fn read_config_file(path: &std::path::Path) -> Result<Vec<std::ffi::OsString>, E
 /// The command line merged with the `--config` file (its options after
 /// the command line's, so repeatable ones add up and single ones set on
 /// the command line win, as pico-args takes the first).
-fn arguments(args: Vec<std::ffi::OsString>) -> Result<pico_args::Arguments, Exit> {
+fn arguments(args: Vec<std::ffi::OsString>) -> Result<(pico_args::Arguments, Option<PathBuf>), Exit> {
     let mut p = pico_args::Arguments::from_vec(args);
     let config_file: Option<PathBuf> = p
         .opt_value_from_os_str("--config", |s| Ok::<_, String>(PathBuf::from(s)))
@@ -525,7 +532,7 @@ fn arguments(args: Vec<std::ffi::OsString>) -> Result<pico_args::Arguments, Exit
     if p.contains(["-V", "--version"]) {
         return Err(Exit::Version);
     }
-    Ok(p)
+    Ok((p, config_file))
 }
 
 fn usage(e: pico_args::Error) -> Exit {
@@ -688,7 +695,7 @@ fn cache_options(p: &mut pico_args::Arguments, timeout: Duration) -> Result<Cach
 /// Parse and check the whole configuration; nothing is bound or opened.
 pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let original = args.clone();
-    let mut p = arguments(args)?;
+    let (mut p, config_file) = arguments(args)?;
     let listen: Vec<String> = p.values_from_str(["-l", "--listen"]).map_err(usage)?;
     let upstreams: Vec<String> = p.values_from_str(["-u", "--upstream"]).map_err(usage)?;
     let forwards: Vec<String> = p.values_from_str("--forward").map_err(usage)?;
@@ -702,6 +709,10 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let padding = padding(p.opt_value_from_str("--padding").map_err(usage)?)?;
     let cache = cache_options(&mut p, timeout)?;
     let reuseport = p.contains("--reuseport");
+    let watch_config = number(&mut p, "--watch-config", 1, 3600)?.map(Duration::from_secs);
+    if watch_config.is_some() && config_file.is_none() {
+        return Err(Exit::Usage("--watch-config needs --config FILE".into()));
+    }
     let limits = limits(&mut p)?;
     if let Some(arg) = p.finish().first() {
         return Err(Exit::Usage(format!("unexpected argument {:?} (see --help)", arg)));
@@ -729,6 +740,8 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         limits,
         reuseport,
         cache,
+        config_file,
+        watch_config,
     })
 }
 

@@ -47,6 +47,8 @@ pub enum Timer {
     AcceptRetry {
         listener: usize,
     },
+    /// Look at the --config file for a change (--watch-config).
+    ConfigWatch,
 }
 
 #[derive(Default)]

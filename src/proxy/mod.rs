@@ -55,6 +55,7 @@ struct Settings {
     nofile: u64,
     stale_after: Duration,
     prefetch: bool,
+    watch_config: Option<Duration>,
 }
 
 impl Settings {
@@ -68,6 +69,7 @@ impl Settings {
             nofile,
             stale_after: cfg.cache.stale_after,
             prefetch: cfg.cache.prefetch,
+            watch_config: cfg.config_file.as_ref().and(cfg.watch_config),
         }
     }
 
@@ -154,6 +156,18 @@ pub struct Proxy {
     notices: Notices,
     stats: Stats,
     stopping: Option<Instant>,
+    /// The digest of the --config file's content as last applied, when
+    /// --watch-config looks for changes.
+    watched: Option<u64>,
+}
+
+/// A digest of the file's content; a file that cannot be read has none.
+fn file_digest(path: &std::path::Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
 }
 
 impl Proxy {
@@ -172,6 +186,14 @@ impl Proxy {
             .register(&mut signals, Source::Signals.token(), Interest::READABLE)
             .map_err(|e| format!("register signals: {e}"))?;
         let l = &cfg.limits;
+        let mut timers = Timers::default();
+        let watched = match (&cfg.config_file, cfg.watch_config) {
+            (Some(path), Some(every)) => {
+                timers.add(Instant::now() + every, Timer::ConfigWatch);
+                file_digest(path)
+            }
+            _ => None,
+        };
         Ok(Proxy {
             poll,
             signals,
@@ -184,7 +206,7 @@ impl Proxy {
             ),
             pool,
             queries: Queries::new(l.max_inflight, l.max_inflight_per_ip),
-            timers: Timers::default(),
+            timers,
             cache: (cfg.cache.size > 0).then(|| {
                 Cache::new(Policy {
                     max_entries: cfg.cache.size,
@@ -212,6 +234,7 @@ impl Proxy {
             notices: Notices::default(),
             stats: Stats::default(),
             stopping: None,
+            watched,
         })
     }
 
@@ -362,6 +385,7 @@ impl Proxy {
                     self.listeners.retry_fired(listener);
                     self.accept(listener, now);
                 }
+                Timer::ConfigWatch => self.watch_config(now),
             }
         }
     }
@@ -478,7 +502,13 @@ impl Proxy {
             l.per_address.clone(),
             client_limits(&cfg),
         );
+        let watching = self.settings.watch_config.is_some();
         self.settings = Settings::of(&cfg, self.settings.nofile);
+        if let (false, Some(every)) = (watching, self.settings.watch_config) {
+            // Added by this reload (a SIGHUP): start looking.
+            self.watched = cfg.config_file.as_deref().and_then(file_digest);
+            self.timers.add(Instant::now() + every, Timer::ConfigWatch);
+        }
         self.listeners.set_max_query(self.settings.max_query_size);
         let settings = &self.settings;
         let closed = self.clients.retain_allowed(|ip| settings.allowed(ip));
@@ -489,6 +519,29 @@ impl Proxy {
             "configuration reloaded: {} upstreams, {} forwarding zones",
             reloaded.upstreams, reloaded.zones
         );
+    }
+
+    /// --watch-config: reload when the file's content changed (a
+    /// ConfigMap update swaps the file under its mounted path), then look
+    /// again later. A file that cannot be read is left for the next look,
+    /// with the running configuration kept.
+    fn watch_config(&mut self, now: Instant) {
+        let (Some(path), Some(_)) = (self.started.config_file.clone(), self.settings.watch_config) else {
+            return;
+        };
+        if let Some(digest) = file_digest(&path) {
+            if self.watched != Some(digest) {
+                info!("{}: changed, reloading", path.display());
+                self.watched = Some(digest);
+                self.reload();
+            } else {
+                debug!("{}: unchanged", path.display());
+            }
+        }
+        // The reload may have changed the interval or ended the watch.
+        if let Some(every) = self.settings.watch_config {
+            self.timers.add(now + every, Timer::ConfigWatch);
+        }
     }
 
     fn start_stop(&mut self, now: Instant) {

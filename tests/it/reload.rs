@@ -121,3 +121,49 @@ fn a_resent_query_is_routed_by_its_name_after_a_reload() {
     assert_default_answer(&r, 8, "x.b.example");
     assert_eq!(other.query_count(), 1);
 }
+
+/// `--watch-config`: a changed file is applied without a signal, the way a
+/// Kubernetes ConfigMap update arrives (a new file swapped in under the
+/// mounted name), and an unchanged one is not reloaded again.
+#[test]
+fn watched_config_file_is_reloaded_when_its_content_changes() {
+    let ca = TestCa::new();
+    let a = TestUpstream::for_name(&ca, NAME, Script::default());
+    let b = TestUpstream::for_name(&ca, NAME, Script::default());
+    let conf = ca.dir().join("watched.conf");
+    write_config(&conf, &ca, &[format!("upstream {}", a.arg(NAME))]);
+    let path = conf.to_str().expect("utf-8 path");
+    let proxy = TestProxy::start(&["--config", path, "--watch-config", "1"]);
+    let r = crate::util::udp_exchange(proxy.udp_addr(), &query(1, "before.example"), deadline_ms(3000));
+    assert_default_answer(&r.expect("answer"), 1, "before.example");
+    assert_eq!(a.query_count(), 1);
+
+    let next = ca.dir().join("watched.conf.new");
+    write_config(&next, &ca, &[format!("upstream {}", b.arg(NAME))]);
+    std::fs::rename(&next, &conf).expect("swap the file in");
+    assert!(
+        proxy.wait_for_log("configuration reloaded", deadline_ms(4000)),
+        "{}",
+        proxy.log_text()
+    );
+    let r = crate::util::udp_exchange(proxy.udp_addr(), &query(2, "after.example"), deadline_ms(3000));
+    assert_default_answer(&r.expect("answer"), 2, "after.example");
+    assert_eq!(b.query_count(), 1, "the new upstream answers");
+    assert_eq!(a.query_count(), 1);
+    // Two more looks at the unchanged file: no second reload.
+    let looks = proxy.count_log("watched.conf: unchanged");
+    assert!(
+        crate::util::wait_until(deadline_ms(4000), || proxy.count_log("watched.conf: unchanged")
+            >= looks + 2),
+        "{}",
+        proxy.log_text()
+    );
+    assert_eq!(proxy.count_log("configuration reloaded"), 1, "{}", proxy.log_text());
+}
+
+#[test]
+fn watch_config_needs_a_config_file() {
+    let out = crate::util::run_to_exit(&["--watch-config", "5"], Duration::from_secs(5));
+    assert_eq!(out.status.and_then(|s| s.code()), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("--watch-config needs --config"), "{}", out.stderr);
+}
