@@ -20,9 +20,12 @@ use mio::net::UdpSocket;
 const BATCH: usize = 1024;
 /// Answers kept for a socket whose send buffer is full.
 const BACKLOG: usize = 4096;
-/// Datagrams taken by one `recvmmsg`. Each slot that receives something
-/// touches one page, so a full batch costs this many pages of memory.
+/// Datagrams taken by one `recvmmsg`.
 const RX_SLOTS: usize = 32;
+/// The first bytes of each receive slot, packed together so a batch of
+/// ordinary queries touches a few pages; the rest of each slot, for the
+/// rare larger query, lies apart and is touched only when one comes.
+const RX_HEAD: usize = 512;
 /// The receive slots together stay under this, whatever --max-query-size.
 const RX_BYTES: usize = 256 << 10;
 /// Answers given to one `sendmmsg`; a full outbox is sent at once rather
@@ -61,8 +64,9 @@ pub enum Send {
 
 /// Datagrams received by the last `recvmmsg`, handed out one by one.
 struct Inbox {
-    /// `slots` slots of `slot` bytes. Allocated zeroed and large, so the
-    /// pages no datagram reaches are never touched.
+    /// `slots` slot heads of [`RX_HEAD`] bytes, then `slots` slot tails of
+    /// `slot - RX_HEAD` bytes. Allocated zeroed (fresh pages from the
+    /// kernel), so the tails no datagram reaches are never touched.
     buf: Vec<u8>,
     /// One more than the largest query accepted, so that a datagram that
     /// was cut to fit arrives longer than the limit and gets FORMERR, as it
@@ -96,22 +100,31 @@ impl Inbox {
     /// One `recvmmsg` of up to `want` datagrams.
     fn fill(&mut self, fd: libc::c_int, want: usize) -> io::Result<usize> {
         let n = want.min(self.slots);
-        let need = self.slot * self.slots;
+        let (head, tail) = self.split();
+        let need = (head + tail) * self.slots;
         if self.buf.len() != need {
             self.buf = vec![0; need];
         }
+        let (heads, tails) = self.buf.split_at_mut(head * self.slots);
         // SAFETY: all-zero is a valid value for these C structs.
         let mut names: [libc::sockaddr_storage; RX_SLOTS] = unsafe { std::mem::zeroed() };
-        let mut iovs: [libc::iovec; RX_SLOTS] = unsafe { std::mem::zeroed() };
+        let mut iovs: [[libc::iovec; 2]; RX_SLOTS] = unsafe { std::mem::zeroed() };
         let mut hdrs: [libc::mmsghdr; RX_SLOTS] = unsafe { std::mem::zeroed() };
-        for (k, chunk) in self.buf.chunks_exact_mut(self.slot).take(n).enumerate() {
-            iovs[k].iov_base = chunk.as_mut_ptr().cast();
-            iovs[k].iov_len = chunk.len();
-            let h = &mut hdrs[k].msg_hdr;
-            h.msg_name = (&mut names[k] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut iovs[k];
-            h.msg_iovlen = 1;
+        let mut tails = tails.chunks_exact_mut(tail.max(1));
+        for (k, h) in heads.chunks_exact_mut(head).take(n).enumerate() {
+            iovs[k][0].iov_base = h.as_mut_ptr().cast();
+            iovs[k][0].iov_len = h.len();
+            let mut parts = 1;
+            if let Some(t) = tails.next().filter(|_| tail > 0) {
+                iovs[k][1].iov_base = t.as_mut_ptr().cast();
+                iovs[k][1].iov_len = t.len();
+                parts = 2;
+            }
+            let m = &mut hdrs[k].msg_hdr;
+            m.msg_name = (&mut names[k] as *mut libc::sockaddr_storage).cast();
+            m.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            m.msg_iov = iovs[k].as_mut_ptr();
+            m.msg_iovlen = parts;
         }
         // SAFETY: the first `n` headers point at live buffers of the stated
         // lengths (slots of `self.buf`, `names`), all outliving the call.
@@ -140,8 +153,21 @@ impl Inbox {
         Some((k, len, peer))
     }
 
-    fn datagram(&self, k: usize, len: usize) -> &[u8] {
-        self.buf.get(k * self.slot..k * self.slot + len).unwrap_or_default()
+    /// The bytes of a slot in its head and in its tail.
+    fn split(&self) -> (usize, usize) {
+        let head = self.slot.min(RX_HEAD);
+        (head, self.slot - head)
+    }
+
+    /// Datagram `k` of `len` bytes, appended to `out`.
+    fn copy_into(&self, k: usize, len: usize, out: &mut Vec<u8>) {
+        let (head, tail) = self.split();
+        let first = len.min(head);
+        out.extend_from_slice(self.buf.get(k * head..k * head + first).unwrap_or_default());
+        if len > first {
+            let at = head * self.slots + k * tail;
+            out.extend_from_slice(self.buf.get(at..at + (len - first)).unwrap_or_default());
+        }
     }
 
     fn clear(&mut self) {
@@ -274,7 +300,7 @@ impl UdpListener {
                 // A sender the kernel names in a family we do not speak
                 // cannot be answered.
                 let Some(peer) = peer else { continue };
-                out.extend_from_slice(self.rx.datagram(k, len));
+                self.rx.copy_into(k, len, out);
                 return Recv::Datagram(peer);
             }
             if self.taken >= BATCH {
@@ -457,6 +483,17 @@ mod tests {
         let got = take(&mut l, 1);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0.len(), 20_000);
+    }
+
+    #[test]
+    fn at_the_smallest_limit_a_slot_is_its_head_and_one_byte() {
+        let (mut l, peer) = pair();
+        l.set_max_query(512);
+        peer.send(&[1u8; 512]).unwrap();
+        peer.send(&[2u8; 600]).unwrap();
+        let got = take(&mut l, 2);
+        assert_eq!(got[0].0, vec![1u8; 512]);
+        assert_eq!(got[1].0, vec![2u8; 513]);
     }
 
     #[test]
