@@ -237,9 +237,12 @@ impl Outbox {
             h.msg_iov = &mut iovs[k];
             h.msg_iovlen = 1;
         }
+        // The system call itself: musl's sendmmsg() on 64-bit targets is a
+        // loop of sendmsg() (its msghdr differs from the kernel's in
+        // padding, which is zero here, so the kernel reads it right).
         // SAFETY: the first `n` headers point at live buffers of the stated
         // lengths, which the kernel only reads.
-        let sent = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
+        let sent = unsafe { libc::syscall(libc::SYS_sendmmsg, fd, hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
