@@ -28,7 +28,7 @@ while [ "$#" -gt 0 ]; do
         --mode) MODE=$2; shift 2 ;;
         --cache) CACHE=1; shift ;;
         -*) die "unknown option $1" ;;
-        *) BINS+=("$(readlink -f "$1")"); shift ;;
+        *) BINS+=("$1"); shift ;;
     esac
 done
 [ "${#BINS[@]}" -gt 0 ] || die "usage: $0 [--queries N] [--load Q] [--mode udp|tcp] [--cache] BINARY..."
@@ -68,7 +68,7 @@ ready() { # PORT: until a UDP query is answered (10 s at most)
     return 1
 }
 
-printf '| binary | answers | calls per 1000 answers (top) |\n|---|---:|---|\n'
+printf '| binary | answers | peak RSS kB | calls per 1000 answers |\n|---|---:|---:|---|\n'
 port=15300
 for bin in "${BINS[@]}"; do
     port=$((port + 1))
@@ -91,6 +91,7 @@ for bin in "${BINS[@]}"; do
         -d "$WORK/queries" >"$WORK/dnsperf-$port" 2>&1
     kill -INT "$spid"
     wait "$spid" 2>/dev/null || true
+    hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
     kill "$pid"
     answered=$(awk '/Queries completed:/ {print $3}' "$WORK/dnsperf-$port")
     top=$(python3 - "$WORK/perf-$port" "$answered" <<'PY'
@@ -110,5 +111,5 @@ rows.sort(reverse=True)
 print(f"all {1000 * total / n:.0f}: " + ", ".join(f"{name} {1000 * c / n:.0f}" for c, name in rows))
 PY
 )
-    printf '| %s | %s | %s |\n' "$(basename "$bin")" "$answered" "$top"
+    printf '| %s | %s | %s | %s |\n' "$(basename "$bin")" "$answered" "$hwm" "$top"
 done
