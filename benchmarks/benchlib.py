@@ -12,6 +12,7 @@ Subcommands:
                            key=value lines (QPS, counts, latency percentiles)
   report CSV OUTDIR ...    aggregate the per-run CSV into a Markdown table,
                            gnuplot data files; see cmd_report
+  zipf-report CSV ORDER    the Zipf block's table (rows of kind zipf)
 """
 
 import csv
@@ -267,10 +268,60 @@ def cmd_report(csv_path, outdir, order, low_qps="2000"):
                 f"{'' if direct else diff(p50, pl50)} | {'' if direct else diff(p99, pl99)} | "
                 f"{_fmt_num(med(rs, 'lost'))} | {len(rs)} |")
 
-    print("\n".join(lines))
+    if load_rows:
+        print("\n".join(lines))
+    else:
+        print("No load runs in this run (see the filters above).")
     if lat_lines:
         print()
         print("\n".join(lat_lines))
+
+
+def _fmt_ratio(v):
+    return "—" if v is None else f"{v:.3f}"
+
+
+def cmd_zipf_report(csv_path, order):
+    """Markdown table of the Zipf runs (kind zipf): per load and target the
+    medians over rounds of QPS, hit ratio (1 - upstream queries / answers),
+    the cache's own hit ratio, upstream queries per second, latency, CPU and
+    the max of peak RSS."""
+    order = order.split(",")
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "zipf"]
+    if not rows:
+        return
+
+    def med(rs, key):
+        return _median([_f(r[key]) for r in rs])
+
+    loads = []
+    for r in rows:
+        key = (r["load_mode"], r["q"], r["Q"])
+        if key not in loads:
+            loads.append(key)
+    out = ["| load | target | QPS (median) | hit ratio | hit ratio, own counters | upstream q/s | p50 ms | p99 ms "
+           "| p99.9 ms | lost | SERVFAIL | CPU ms / 1k answers | upstream CPU ms / 1k answers | peak RSS MB "
+           "| entries at end | rounds |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (lmode, q, qlim) in loads:
+        for t in order:
+            rs = [r for r in rows if r["target"] == t and (r["load_mode"], r["q"], r["Q"]) == (lmode, q, qlim)]
+            if not rs:
+                continue
+            upq = _median([_f(r["upstream_queries"]) / _f(r["seconds"]) for r in rs
+                           if _f(r["upstream_queries"]) is not None and _f(r["seconds"])])
+            hwm = [_f(r["vmhwm_kb"]) for r in rs if _f(r["vmhwm_kb"]) is not None]
+            ent = med(rs, "cache_entries")
+            load = f"{lmode} -c {rs[0]['c']} -q {q}" + (f" -Q {qlim}" if qlim != "0" else "")
+            out.append(
+                f"| {load} | {t} | {_fmt_qps(med(rs, 'qps'))} | {_fmt_ratio(med(rs, 'hit_ratio'))} | "
+                f"{_fmt_ratio(med(rs, 'own_hit_ratio'))} | {_fmt_qps(upq)} | {_fmt_ms(med(rs, 'p50_us'))} | "
+                f"{_fmt_ms(med(rs, 'p99_us'))} | {_fmt_ms(med(rs, 'p999_us'))} | {_fmt_num(med(rs, 'lost'))} | "
+                f"{_fmt_num(med(rs, 'servfail'))} | {_fmt_num(med(rs, 'cpu_ms_per_1k'), 1)} | "
+                f"{_fmt_num(med(rs, 'upstream_cpu_ms_per_1k'), 1)} | {_fmt_mb(max(hwm) if hwm else None)} | "
+                f"{_fmt_num(ent)} | {len(rs)} |")
+    print("\n".join(out))
 
 
 def main(argv):
@@ -291,6 +342,9 @@ def main(argv):
         return 0
     if cmd == "report":
         cmd_report(*args)
+        return 0
+    if cmd == "zipf-report":
+        cmd_zipf_report(*args)
         return 0
     print(__doc__, file=sys.stderr)
     return 2
