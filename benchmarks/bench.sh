@@ -114,7 +114,10 @@ in_list() {
     return 1
 }
 # the filters: empty = everything
+# (word-split and joined again: one space between names)
+# shellcheck disable=SC2086,SC2116
 FILTER_TARGETS=$(echo ${BENCH_TARGETS:-})
+# shellcheck disable=SC2086,SC2116
 FILTER_LOADS=$(echo ${BENCH_LOADS:-})
 for t in $FILTER_TARGETS; do
     in_list "$t" "${ALL_ORDER[@]}" || die "BENCH_TARGETS: unknown target '$t' (known: ${ALL_ORDER[*]})"
@@ -757,7 +760,6 @@ EOF
 
 # the Zipf section of the report
 zipf_report_section() {
-    local ttl_desc
     echo "## Zipf-like popularity, cache on"
     echo
     echo "dnsperf (\`-c $CLIENTS\`, \`-t $TIMEOUT\`, over UDP) → an instance of the target that sees only this traffic → DoT → a second unbound upstream (DoT :8854, one thread, the settings of the first) that serves only \`zipf.test\`: $NAMES hosts with an A and an AAAA record each, $((2 * NAMES)) names to ask for, every answer NOERROR with one record. $ROUNDS round(s) of ${SECONDS_RUN} s per run, medians over rounds (peak RSS: max)."
