@@ -4,9 +4,10 @@
   host_records(hosts, aaaa_every, txt_every, txt)
                         local-data for a list of host names: A, some AAAA
                         and TXT records
-  write_zone(outdir, zone, records, queries, note)
+  write_zone(outdir, zone, records, queries, note[, queries_file])
                         the unbound local-data file OUTDIR/ZONE.conf and
-                        dnsperf's query file OUTDIR/queries.txt
+                        dnsperf's query file OUTDIR/queries.txt (or
+                        OUTDIR/QUERIES_FILE)
   probe(port, name, modes)
                         readiness probe: one A query per transport to
                         127.0.0.1:PORT, each answered NOERROR with a record
@@ -38,11 +39,11 @@ def host_records(hosts, aaaa_every, txt_every=0, txt=""):
     return records
 
 
-def write_zone(outdir, zone, records, queries, note):
+def write_zone(outdir, zone, records, queries, note, queries_file="queries.txt"):
     """OUTDIR/ZONE.conf: unbound server-clause lines, a static local zone
     ZONE with an SOA, an NS and its A record, then RECORDS (RR strings) as
-    local-data; NOTE goes in a comment on top. OUTDIR/queries.txt: QUERIES
-    ("name type" strings), one per line."""
+    local-data; NOTE goes in a comment on top. OUTDIR/QUERIES_FILE
+    (default queries.txt): QUERIES ("name type" strings), one per line."""
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, f"{zone}.conf"), "w") as f:
         f.write(f"    # {note}\n")
@@ -52,7 +53,7 @@ def write_zone(outdir, zone, records, queries, note):
         f.write(f"    local-data: 'ns.{zone}. 300 IN A 192.0.2.53'\n")
         for rr in records:
             f.write(f"    local-data: '{rr}'\n")
-    with open(os.path.join(outdir, "queries.txt"), "w") as f:
+    with open(os.path.join(outdir, queries_file), "w") as f:
         f.write("\n".join(queries) + "\n")
 
 
