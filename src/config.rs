@@ -488,7 +488,15 @@ fn level(s: &str) -> Option<log::LevelFilter> {
 /// Read a --config file: one option per line, its long name without the
 /// dashes, a space, the value (`upstream 1.1.1.1#cloudflare-dns.com`);
 /// `#` starts a comment line. Returned as command-line arguments.
-fn read_config_file(path: &std::path::Path) -> Result<Vec<std::ffi::OsString>, Exit> {
+/// Options that may be given more than once: the file's add to the
+/// command line's. Any other option set on the command line wins over the
+/// file's, which is then skipped (pico-args would reject the second).
+const REPEATABLE: [&str; 5] = ["listen", "upstream", "forward", "allow", "per-ip-exempt"];
+
+fn read_config_file(
+    path: &std::path::Path,
+    on_command_line: &std::collections::HashSet<String>,
+) -> Result<Vec<std::ffi::OsString>, Exit> {
     let text = std::fs::read_to_string(path).map_err(|e| Exit::Usage(format!("--config {}: {e}", path.display())))?;
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -504,7 +512,11 @@ fn read_config_file(path: &std::path::Path) -> Result<Vec<std::ffi::OsString>, E
                 n + 1
             )));
         }
-        out.push(format!("--{name}").into());
+        let flag = format!("--{name}");
+        if !REPEATABLE.contains(&name) && on_command_line.contains(&flag) {
+            continue;
+        }
+        out.push(flag.into());
         let value = value.trim();
         if !value.is_empty() {
             out.push(value.into());
@@ -523,7 +535,13 @@ fn arguments(args: Vec<std::ffi::OsString>) -> Result<(pico_args::Arguments, Opt
         .map_err(|e| Exit::Usage(e.to_string()))?;
     if let Some(path) = &config_file {
         let mut all = p.finish();
-        all.extend(read_config_file(path)?);
+        let given = all
+            .iter()
+            .filter_map(|a| a.to_str())
+            .filter(|a| a.starts_with("--"))
+            .map(|a| a.split('=').next().unwrap_or(a).to_string())
+            .collect();
+        all.extend(read_config_file(path, &given)?);
         p = pico_args::Arguments::from_vec(all);
     }
     if p.contains(["-h", "--help"]) {
@@ -805,6 +823,9 @@ mod tests {
         assert_eq!(c.forwards.len(), 1);
         assert_eq!(c.timeout, Duration::from_millis(900));
         assert_eq!(c.allow.len(), 1);
+        // A single option on both: the command line's wins, no error.
+        let c = parse(args(&["--config", path.to_str().unwrap(), "--timeout", "700"])).unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(700));
         std::fs::write(&path, "bogus 1\n").unwrap();
         assert!(matches!(
             parse(args(&["--config", path.to_str().unwrap()])),
