@@ -8,6 +8,10 @@
 #
 #   peer_features        cache, SPKI pins, split forwarding, reload, padding
 #                        on the wire, edns-tcp-keepalive idle close
+#   peer_plain_forward   --forward ZONE=plain:IP:PORT against a second unbound
+#                        serving plain DNS (the kube-dns stand-in), the rest
+#                        over DoT, --watch-config on a ConfigMap-style mount,
+#                        and deploy/kubernetes/node-local's own config file
 #   peer_features_final  after all other checks: no upstream that should be
 #                        reachable was ever logged "down"; stop the proxies
 #
@@ -518,5 +522,249 @@ peer_features_final() {
         for f in "${bad[@]}"; do
             grep -E ' down:' "$WORK/$f" | sed "s/^/      | $f: /" | head -n 5
         done
+    fi
+}
+
+# ---------------------------------------------------------------- plain upstream
+PLAIN_CM_YAML=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../../deploy/kubernetes/node-local/configmap.yaml
+# plain_cm_write DIR VERSION TEXT: DIR/dotproxy.conf as the kubelet mounts a
+# ConfigMap: DIR/dotproxy.conf -> ..data/dotproxy.conf, ..data -> ..VERSION,
+# the new version written first and ..data swapped by one rename, then the
+# old version removed (what the kubelet's atomic writer does)
+plain_cm_write() {
+    local dir=$1 v=..$2 old
+    mkdir -p "$dir/$v"
+    printf '%s\n' "$3" >"$dir/$v/dotproxy.conf"
+    old=$(readlink "$dir/..data" 2>/dev/null || true)
+    ln -s "$v" "$dir/..data.tmp"
+    mv -T "$dir/..data.tmp" "$dir/..data"
+    [ -e "$dir/dotproxy.conf" ] || ln -s ..data/dotproxy.conf "$dir/dotproxy.conf"
+    [ -z "$old" ] || rm -rf "${dir:?}/$old"
+}
+
+# plain_ready PORT: the plain server on PORT answers over TCP
+plain_ready() {
+    [ "$(status_of "$(dig_at "$1" +tcp +time=1 web.default.svc.cluster.local A)")" = NOERROR ]
+}
+
+# plain_stat CONF KEY: one counter of the unbound behind CONF (stats_noreset)
+plain_stat() {
+    timeout 5 unbound-control -c "$1" stats_noreset 2>/dev/null |
+        sed -n "s/^$2=\\([0-9]*\\).*/\\1/p" || true
+}
+
+# peer_plain_forward: --forward ZONE=plain:IP:PORT against a second unbound
+# that serves plain DNS only, in the shape of deploy/kubernetes/node-local/:
+# cluster.local and 10.in-addr.arpa to the plain server (the kube-dns
+# stand-in), everything else to the DoT unbound, the options in a --config
+# file mounted the way the kubelet mounts a ConfigMap, reloaded by
+# --watch-config. The two servers give different answers for the same names
+# (run.sh's zone has decoys), so each answer shows the path it took; the
+# plain server's own counters show it was asked over TCP only.
+peer_plain_forward() {
+    local pport port mport nl_port nl_mport conf cm pid upid out mode opt n=0 i st tcp0 tot0 tcp1 tot1 conns
+    local web_re ptr_plain ptr_dot lbl up rc cfg1 cfg2
+    local -a names=()
+
+    log "plain DNS upstream for forward zones (node-local split) against a second, plain unbound"
+    if ! command -v unbound-control >/dev/null 2>&1; then
+        fail "plain: unbound-control (package unbound) is installed: it reads the plain server's counters"
+        return 0
+    fi
+    pick_port pport
+    pick_port port
+    pick_port mport
+    pick_port nl_port
+    pick_port nl_mport
+    conf=$WORK/unbound-plain.conf
+    cm=$WORK/configmap
+    {
+        unbound_conf --comment "plain DNS upstream for features.sh (kube-dns stand-in): no TLS, local data only" \
+            --dir "$WORK" --plain "$pport" \
+            --zone cluster.local \
+            --data 'web.default.svc.cluster.local. 300 IN A 10.96.1.1' \
+            --data 'db.default.svc.cluster.local. 300 IN A 10.96.1.2' \
+            --zone 10.in-addr.arpa \
+            --data '1.1.96.10.in-addr.arpa. 300 IN PTR web.default.svc.cluster.local.' \
+            --zone "$ZONE" \
+            --data "a.$ZONE. 300 IN A 10.96.9.9" \
+            --set 'extended-statistics: yes'
+        # a later clause wins: remote control on a Unix socket (no TLS, no
+        # port), for unbound-control stats_noreset
+        printf 'remote-control:\n    control-enable: yes\n    control-interface: "%s"\n' \
+            "$WORK/unbound-plain.ctl"
+    } >"$conf"
+    unbound_checkconf "$conf"
+    unbound -d -c "$conf" >"$WORK/unbound-plain.log" 2>&1 &
+    upid=$!
+    track "$upid"
+
+    web_re=$(rr_re web.default.svc.cluster.local A 10.96.1.1)
+    ptr_plain=$(rr_re 1.1.96.10.in-addr.arpa PTR web.default.svc.cluster.local.)
+    ptr_dot=$(rr_re 1.1.96.10.in-addr.arpa PTR decoy.dot.test.)
+    if ! wait_until "$upid" 10 0.1 plain_ready "$pport"; then
+        fail "plain: second unbound (plain DNS only) answers over TCP within 10 s"
+        sed 's/^/      | /' "$WORK/unbound-plain.log" | tail -n 10
+        return 0
+    fi
+    expect "plain: the plain unbound itself (tcp): web.default.svc.cluster.local A 10.96.1.1" \
+        "$(dig_at "$pport" +tcp web.default.svc.cluster.local A)" NOERROR "$web_re"
+    expect "plain: the DoT unbound has decoys (kdig +tls): web.default.svc.cluster.local A 192.0.2.250" \
+        "$(timeout 10 kdig @127.0.0.1 -p "$DOT_PORT" +tls +tls-ca="$CA" +tls-hostname=dot.test \
+            +time=2 +retry=0 web.default.svc.cluster.local A 2>&1 || true)" NOERROR \
+        "$(rr_re web.default.svc.cluster.local A 192.0.2.250)"
+    tcp0=$(plain_stat "$conf" num.query.tcp)
+    tot0=$(plain_stat "$conf" total.num.queries)
+    if [ -z "$tcp0" ] || [ -z "$tot0" ]; then
+        fail "plain: unbound-control stats_noreset reads the plain server's counters"
+        timeout 5 unbound-control -c "$conf" stats_noreset 2>&1 | sed 's/^/      | /' | head -n 5
+        return 0
+    fi
+
+    # refused where it would replace DoT
+    rc=0
+    out=$(timeout 5 "$BIN" --listen "127.0.0.1:$port" --upstream "plain:127.0.0.1:$pport" 2>&1) || rc=$?
+    if [ "$rc" = 2 ] && grep -qi 'unencrypted' <<<"$out"; then
+        pass "plain: --upstream plain:IP:PORT refused, exit 2 ($(head -n 1 <<<"$out" | cut -c1-90)...)"
+    else
+        fail "plain: --upstream plain:IP:PORT refused with exit 2" "exit $rc: $(head -n 1 <<<"$out")"
+    fi
+
+    # the options in a file mounted as a ConfigMap is; the reverse zone is
+    # added by an update of that "ConfigMap" further down
+    cfg1=$(printf '%s\n' \
+        "# the node-local variant's shape, on loopback" \
+        "upstream 127.0.0.1:$DOT_PORT#dot.test" \
+        "ca-file $CA" \
+        "forward cluster.local=plain:127.0.0.1:$pport" \
+        "allow 127.0.0.0/8" \
+        "metrics 127.0.0.1:$mport" \
+        "watch-config 1")
+    plain_cm_write "$cm" 2026_01_01_00_00_00.1 "$cfg1"
+    feat_start plain "$port" --config "$cm/dotproxy.conf"
+    pid=$FEAT_PID
+    FEAT_OK_LOGS+=("$WORK/proxy-plain.log")
+    if ! wait_listen "$port" 10 "$pid"; then
+        fail "plain: proxy with --forward cluster.local=plain:... listening within 10 s"
+        sed 's/^/      | /' "$WORK/proxy-plain.log" | tail -n 20
+        return 0
+    fi
+
+    for mode in udp tcp; do
+        opt=+notcp
+        [ "$mode" = tcp ] && opt=+tcp
+        expect "plain ($mode): web.default.svc.cluster.local A from the plain server (10.96.1.1, not the DoT decoy)" \
+            "$(feat_dig "$port" "$opt" web.default.svc.cluster.local A)" NOERROR "$web_re"
+        expect "plain ($mode): nx.default.svc.cluster.local -> NXDOMAIN from the plain server" \
+            "$(feat_dig "$port" "$opt" nx.default.svc.cluster.local A)" NXDOMAIN
+        expect "plain ($mode): a.$ZONE A over DoT (192.0.2.10, not the plain server's 10.96.9.9)" \
+            "$(feat_dig "$port" "$opt" "a.$ZONE" A)" NOERROR "$A_RE"
+        n=$((n + 2))
+    done
+    expect "plain: zone match ignores case: WEB.Default.SVC.Cluster.Local" \
+        "$(feat_dig "$port" WEB.Default.SVC.Cluster.Local A)" NOERROR \
+        "$(rr_re WEB.Default.SVC.Cluster.Local A 10.96.1.1)"
+    n=$((n + 1))
+    expect "plain: xcluster.local (not under cluster.local) over DoT: NXDOMAIN from the DoT unbound" \
+        "$(feat_dig "$port" web.xcluster.local A)" NXDOMAIN
+
+    # 20 UDP queries at once: all pipelined on the plain TCP connection(s)
+    for ((i = 0; i < 10; i++)); do
+        names+=(-t A web.default.svc.cluster.local -t A db.default.svc.cluster.local)
+    done
+    out=$(timeout 15 mdig @127.0.0.1 -p "$port" +notcp +nottlunits +timeout=3 "${names[@]}" 2>&1 || true)
+    st=$(grep -c 'status: NOERROR' <<<"$out" || true)
+    conns=$(ss -Htnp state established "( dport = :$pport )" 2>/dev/null | grep -c "pid=$pid," || true)
+    if [ "$st" = 20 ] && grep -qE "$(rr_re db.default.svc.cluster.local A 10.96.1.2)" <<<"$out" &&
+        [ "$conns" -ge 1 ] && [ "$conns" -le 4 ]; then
+        pass "plain: mdig, 20 UDP queries in flight at once: 20 NOERROR over $conns TCP connection(s) to the plain server"
+    else
+        fail "plain: mdig, 20 UDP queries at once: 20 NOERROR over 1 to 4 TCP connections" \
+            "$st NOERROR, $conns connections"
+        printf '%s\n' "$out" | sed 's/^/      | /' | head -n 20
+    fi
+    n=$((n + 20))
+
+    # a ConfigMap update: the reverse zone joins; --watch-config 1 notices
+    expect "plain: 1.1.96.10.in-addr.arpa PTR over DoT before the update (the DoT decoy)" \
+        "$(feat_dig "$port" -x 10.96.1.1)" NOERROR "$ptr_dot"
+    cfg2=$(printf '%s\n' "$cfg1" "forward 10.in-addr.arpa=plain:127.0.0.1:$pport")
+    plain_cm_write "$cm" 2026_01_01_00_01_00.2 "$cfg2"
+    if wait_log "$WORK/proxy-plain.log" 'configuration reloaded' 6; then
+        expect "plain: ConfigMap-style update (..data swapped) reloaded by --watch-config 1: PTR now from the plain server" \
+            "$(feat_dig "$port" -x 10.96.1.1)" NOERROR "$ptr_plain"
+        n=$((n + 1))
+    else
+        fail "plain: 'configuration reloaded' logged within 6 s of a ConfigMap-style update (--watch-config 1)"
+        sed 's/^/      | /' "$WORK/proxy-plain.log" | tail -n 5
+    fi
+
+    # the shipped ConfigMap's file (deploy/kubernetes/node-local), its
+    # addresses moved to loopback: listen from the command line, the DoT
+    # upstreams replaced by the DoT unbound, kube-dns by the plain unbound;
+    # timeout and log-level come from feat_start's command line (an option
+    # given in both places is refused)
+    awk '/^  dotproxy.conf: [|]$/ { on = 1; next }
+        on && /^    / { print substr($0, 5); next }
+        on && /^$/ { print ""; next }
+        on { exit }' "$PLAIN_CM_YAML" >"$WORK/node-local.conf.orig" 2>/dev/null || true
+    if ! grep -q '^forward cluster.local=plain:' "$WORK/node-local.conf.orig"; then
+        fail "plain: read dotproxy.conf out of $PLAIN_CM_YAML"
+    else
+        {
+            sed -e '/^listen /d' -e '/^upstream /d' -e '/^ca-file /d' \
+                -e '/^timeout /d' -e '/^log-level /d' \
+                -e "s/^metrics .*/metrics 127.0.0.1:$nl_mport/" \
+                -e "s/=plain:[^ ]*\$/=plain:127.0.0.1:$pport/" "$WORK/node-local.conf.orig"
+            printf 'upstream 127.0.0.1:%s#dot.test\nca-file %s\n' "$DOT_PORT" "$CA"
+        } >"$WORK/node-local.conf"
+        feat_start node-local "$nl_port" --config "$WORK/node-local.conf"
+        FEAT_OK_LOGS+=("$WORK/proxy-node-local.log")
+        if ! wait_listen "$nl_port" 10 "$FEAT_PID"; then
+            fail "plain: proxy with the node-local ConfigMap's file listening within 10 s"
+            sed 's/^/      | /' "$WORK/proxy-node-local.log" | tail -n 20
+        else
+            expect "node-local ConfigMap: web.default.svc.cluster.local A from the plain server" \
+                "$(feat_dig "$nl_port" web.default.svc.cluster.local A)" NOERROR "$web_re"
+            expect "node-local ConfigMap: 10.96.1.1 PTR (10.in-addr.arpa) from the plain server" \
+                "$(feat_dig "$nl_port" -x 10.96.1.1)" NOERROR "$ptr_plain"
+            expect "node-local ConfigMap: a.$ZONE A over DoT" \
+                "$(feat_dig "$nl_port" "a.$ZONE" A)" NOERROR "$A_RE"
+            n=$((n + 2))
+            st=$(timeout 5 curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$nl_mport/healthz" || true)
+            if [ "$st" = 200 ] && ! grep -qiE 'warn|error' "$WORK/proxy-node-local.log"; then
+                pass "node-local ConfigMap: /healthz 200 on its metrics port, no warning logged"
+            else
+                fail "node-local ConfigMap: /healthz 200, no warning logged" "HTTP ${st:-none}"
+                sed 's/^/      | /' "$WORK/proxy-node-local.log" | tail -n 10
+            fi
+        fi
+    fi
+
+    # what the plain server saw: every query that should reach it, all over TCP
+    tcp1=$(plain_stat "$conf" num.query.tcp)
+    tot1=$(plain_stat "$conf" total.num.queries)
+    if [ -n "$tcp1" ] && [ -n "$tot1" ] && [ $((tcp1 - tcp0)) -ge "$n" ] &&
+        [ $((tot1 - tot0)) = $((tcp1 - tcp0)) ]; then
+        pass "plain: unbound-control stats: $((tcp1 - tcp0)) queries over TCP (>= the $n sent to cluster zones), $((tot1 - tot0 - tcp1 + tcp0)) over UDP"
+    else
+        fail "plain: unbound-control stats: >= $n queries over TCP, none over UDP" \
+            "num.query.tcp ${tcp0:-?} -> ${tcp1:-?}, total.num.queries ${tot0:-?} -> ${tot1:-?}"
+    fi
+
+    timeout 5 curl -s -o "$WORK/metrics-plain.txt" "http://127.0.0.1:$mport/metrics" || true
+    lbl="{upstream=\"plain:127.0.0.1:$pport\"}"
+    up=$(metric "$WORK/metrics-plain.txt" "dotproxy_upstream_up$lbl")
+    if [ "$up" = 1 ]; then
+        pass "plain: /metrics: dotproxy_upstream_up$lbl 1"
+    else
+        fail "plain: /metrics: dotproxy_upstream_up$lbl 1" "got '${up:-none}'"
+        grep 'plain:' "$WORK/metrics-plain.txt" | sed 's/^/      | /' | head -n 10
+    fi
+    if grep -qE 'plain:[^ ]* down:' "$WORK/proxy-plain.log"; then
+        fail "plain: the plain upstream was never logged down"
+        grep -E 'plain:[^ ]* down:' "$WORK/proxy-plain.log" | sed 's/^/      | /' | head -n 5
+    else
+        pass "plain: the plain upstream was never logged down"
     fi
 }

@@ -12,7 +12,7 @@
 #
 # Needs: unbound, dig + mdig (dnsutils), kdig (knot-dnsutils), dnsperf,
 # openssl, ss (iproute2), ps (procps), timeout (coreutils), curl, promtool
-# (prometheus); optional: tcpdump, python3.
+# (prometheus), unbound-control (unbound); optional: tcpdump, python3.
 #
 # Everything is bounded: each client call runs under timeout(1), each wait
 # loop has a deadline, and every process started here is killed by PID from
@@ -28,7 +28,8 @@
 #                       no cache, pins, forwarding or --config)
 #
 # The checks of the newer features (cache, SPKI pins, --forward, --config
-# and SIGHUP, padding on the wire, edns-tcp-keepalive) are in features.sh,
+# and SIGHUP, padding on the wire, edns-tcp-keepalive, plain upstreams for
+# forward zones with --watch-config) are in features.sh,
 # sourced from here. The padding check needs tcpdump and python3 and root
 # (capture on lo); without them it is skipped, not failed.
 set -euo pipefail
@@ -131,6 +132,13 @@ log "writing zone $ZONE ($NAMES names, $TXT_RECORDS TXT records on big.$ZONE)"
         printf "    local-data: 'n%d.%s. 300 IN A 192.0.2.%d'\n" \
             "$i" "$ZONE" $((i % 250 + 1))
     done
+    # decoys for the plain-upstream check (features.sh): over DoT the
+    # cluster's names have other answers than from the plain server, so an
+    # answer shows which path it took
+    printf '    local-zone: "cluster.local." static\n'
+    printf "    local-data: 'web.default.svc.cluster.local. 300 IN A 192.0.2.250'\n"
+    printf '    local-zone: "10.in-addr.arpa." static\n'
+    printf "    local-data: '1.1.96.10.in-addr.arpa. 300 IN PTR decoy.dot.test.'\n"
 } >"$WORK/zone.conf"
 for ((i = 0; i < NAMES; i++)); do
     printf 'n%d.%s A\n' "$i" "$ZONE"
@@ -412,6 +420,7 @@ done
 
 if [ "${PEERS_FEATURES:-1}" != 0 ]; then
     peer_features
+    peer_plain_forward
 fi
 
 log "proxy process"
