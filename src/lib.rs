@@ -30,6 +30,7 @@
 //! | [`failure`] | what each failure answers (RCODE, Extended DNS Error) |
 //! | [`http`], [`metrics`] | `/metrics` and `/healthz` |
 //! | [`notice`] | rate-limited warnings |
+//! | [`systemd`] | sockets passed at start, readiness told back |
 //!
 //! Invariants that hold across rooms:
 //! - data flows one way: the loop calls rooms, rooms never call the loop;
@@ -55,6 +56,7 @@ pub mod metrics;
 pub mod notice;
 pub mod proxy;
 pub mod queries;
+pub mod systemd;
 pub mod timers;
 pub mod token;
 pub mod upstream;
