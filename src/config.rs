@@ -95,6 +95,11 @@ OPTIONS:
                                   exemption (default 127.0.0.0/8 and ::1/128)
       --per-ip-ipv6-prefix LEN    per-address limits count IPv6 clients by this
                                   prefix (default 64, 16 to 128)
+      --user NAME[:GROUP]         started as root: bind every socket, then run as
+                                  NAME (and GROUP, default NAME's own group) with
+                                  no capabilities; refused when not root unless
+                                  already NAME; --config and CA files must be
+                                  readable by NAME for SIGHUP
       --config FILE               read more options from FILE, one per line as
                                   `name value` (e.g. upstream 1.1.1.1#cloudflare-dns.com);
                                   SIGHUP re-reads it and applies upstreams, forwards,
@@ -182,6 +187,8 @@ pub struct Config {
     pub cache: CacheOptions,
     /// Bind the listeners with SO_REUSEPORT (several processes, one port).
     pub reuseport: bool,
+    /// `--user NAME[:GROUP]`, as given: become that user once bound.
+    pub user: Option<String>,
 }
 
 /// The bounds on what clients can make the proxy hold.
@@ -246,6 +253,9 @@ impl Config {
         }
         if self.reuseport != new.reuseport {
             changed.push("--reuseport");
+        }
+        if self.user != new.user {
+            changed.push("--user");
         }
         if self.cache.size != new.cache.size || self.cache.memory != new.cache.memory {
             changed.push("--cache-size/--cache-memory");
@@ -664,6 +674,13 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let padding = padding(p.opt_value_from_str("--padding").map_err(usage)?)?;
     let cache = cache_options(&mut p, timeout)?;
     let reuseport = p.contains("--reuseport");
+    let user: Option<String> = p.opt_value_from_str("--user").map_err(usage)?;
+    if let Some(u) = &user {
+        let (name, group) = u.split_once(':').unwrap_or((u, "x"));
+        if name.is_empty() || group.is_empty() || group.contains(':') {
+            return Err(Exit::Usage(format!("--user {u:?}: expected NAME or NAME:GROUP")));
+        }
+    }
     let limits = limits(&mut p)?;
     if let Some(arg) = p.finish().first() {
         return Err(Exit::Usage(format!("unexpected argument {:?} (see --help)", arg)));
@@ -691,6 +708,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         limits,
         reuseport,
         cache,
+        user,
     })
 }
 
@@ -748,6 +766,13 @@ mod tests {
         assert_eq!(c.forwards.len(), 1);
         assert_eq!(c.timeout, Duration::from_millis(900));
         assert_eq!(c.allow.len(), 1);
+        assert_eq!(c.user, None);
+        std::fs::write(&path, "user nobody:nogroup\n").unwrap();
+        let c = parse(args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(c.user.as_deref(), Some("nobody:nogroup"));
+        for bad in ["", ":x", "x:", "a:b:c"] {
+            assert!(parse(args(&["--user", bad])).is_err(), "--user {bad:?}");
+        }
         std::fs::write(&path, "bogus 1\n").unwrap();
         assert!(matches!(
             parse(args(&["--config", path.to_str().unwrap()])),

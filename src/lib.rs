@@ -30,6 +30,7 @@
 //! | [`failure`] | what each failure answers (RCODE, Extended DNS Error) |
 //! | [`http`], [`metrics`] | `/metrics` and `/healthz` |
 //! | [`notice`] | rate-limited warnings |
+//! | [`privileges`] | `--user`: leaving root once bound |
 //! | [`systemd`] | sockets passed at start, readiness told back |
 //!
 //! Invariants that hold across rooms:
@@ -54,6 +55,7 @@ pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod notice;
+pub mod privileges;
 pub mod proxy;
 pub mod queries;
 pub mod systemd;

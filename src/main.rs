@@ -1,5 +1,5 @@
 //! The binary: take what the service manager passed, parse the command
-//! line, start logging, bind, run the loop. Only this file
+//! line, start logging, bind, leave root, run the loop. Only this file
 //! turns errors into exit codes (2: bad usage, refused before anything is
 //! bound; 1: runtime).
 
@@ -54,6 +54,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let user = match dotproxy::privileges::plan(cfg.user.as_deref()) {
+        Ok(plan) => plan,
+        Err(msg) => {
+            log::error!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
     let mut proxy = match dotproxy::proxy::Proxy::bind_with(&cfg, passed, notify) {
         Ok(p) => p,
         Err(msg) => {
@@ -61,6 +68,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(msg) = dotproxy::privileges::apply(&user) {
+        log::error!("{msg}");
+        return ExitCode::from(1);
+    }
     match proxy.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
