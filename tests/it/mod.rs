@@ -19,4 +19,6 @@ mod hardening_upstreams;
 mod harness;
 mod malformed;
 mod pipelining;
+mod privileges;
 mod reload;
+mod systemd;
