@@ -47,6 +47,10 @@ fn main() -> ExitCode {
     if let Err(e) = logger.init() {
         eprintln!("dotproxy: logger: {e}");
     }
+    let notify = notify.unwrap_or_else(|msg| {
+        log::warn!("{msg}");
+        dotproxy::systemd::Notifier::default()
+    });
     let passed = match passed {
         Ok(p) => p,
         Err(msg) => {

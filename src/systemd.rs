@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 
-use log::{debug, warn};
+use log::debug;
 
 /// The first passed descriptor (SD_LISTEN_FDS_START): 0-2 are stdio.
 const LISTEN_FDS_START: i32 = 3;
@@ -42,7 +42,6 @@ pub fn take_listen_fds() -> Result<Option<Vec<PassedFd>>, String> {
     };
     // A parent that forgot to unset them: the descriptors were its own.
     if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
-        debug!("LISTEN_FDS ignored: LISTEN_PID={pid} is not this process");
         return Ok(None);
     }
     let n = fds
@@ -86,19 +85,15 @@ pub struct Notifier {
 impl Notifier {
     /// Connect to `NOTIFY_SOCKET` now: connecting checks write permission
     /// on the socket's path, and after `--user` drops root the path may
-    /// no longer be writable; a connected socket keeps working.
-    pub fn from_env() -> Notifier {
+    /// no longer be writable; a connected socket keeps working. `Err` is
+    /// a warning for the log (which is not set up yet): the proxy then
+    /// runs without notifying.
+    pub fn from_env() -> Result<Notifier, String> {
         let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-            return Notifier::default();
+            return Ok(Notifier::default());
         };
         std::env::remove_var("NOTIFY_SOCKET");
-        match Notifier::open(&path) {
-            Ok(n) => n,
-            Err(e) => {
-                warn!("NOTIFY_SOCKET={}: {e}; not notifying", path.to_string_lossy());
-                Notifier::default()
-            }
-        }
+        Notifier::open(&path).map_err(|e| format!("NOTIFY_SOCKET={}: {e}; not notifying", path.to_string_lossy()))
     }
 
     fn open(path: &std::ffi::OsStr) -> io::Result<Notifier> {
