@@ -472,8 +472,9 @@ impl Proxy {
         format!("serving on {}", listening.join(", "))
     }
 
-    /// SIGHUP, told to the service manager as RELOADING=1 … READY=1 so that
-    /// `systemctl reload` returns once it is over, applied or refused.
+    /// SIGHUP, told to the service manager as RELOADING=1 … READY=1, so it
+    /// shows the reload while it lasts (and, with systemd 253's
+    /// Type=notify-reload, `systemctl reload` waits for it to be over).
     fn reload(&mut self) {
         self.notify.reloading();
         self.apply_reload();
