@@ -2,10 +2,13 @@
 # Static checks of deploy/: no cluster, no systemd as PID 1 needed.
 #
 #   1. deploy/check-manifests.py over deploy/kubernetes/ (PyYAML)
-#   2. systemd-analyze verify deploy/dotproxy.service, with ExecStart pointed
-#      at a stand-in executable (the unit names /usr/local/bin/dotproxy, which
-#      need not be installed here)
-#   3. systemd-analyze security --offline: exposure score, must stay <= 2.0
+#   2. systemd-analyze verify, both ways the service runs: deploy/dotproxy.service
+#      alone, and with deploy/dotproxy.socket and the drop-in
+#      deploy/dotproxy.service.d/socket.conf; ExecStart pointed at a stand-in
+#      executable (the unit names /usr/local/bin/dotproxy, which need not be
+#      installed here)
+#   3. systemd-analyze security --offline, both ways: exposure score, must stay
+#      <= 2.0
 #
 # Usage: scripts/deploy-check.sh      (CI: bash scripts/deploy-check.sh)
 # Installs python3-yaml when no python3 can import yaml. Steps 2 and 3 are
@@ -19,6 +22,8 @@ LIB=$(dirname "$(readlink -f "$0")")/lib
 cd "$LIB/../.."
 
 UNIT=deploy/dotproxy.service
+SOCKET=deploy/dotproxy.socket
+DROPIN=deploy/dotproxy.service.d/socket.conf
 MAX_EXPOSURE=2.0
 T=$(mktemp -d "${TMPDIR:-/tmp}/dotproxy-deploy-check.XXXXXX")
 at_exit rm -rf "$T"
@@ -45,25 +50,39 @@ else
     # a stand-in for the binary: verify checks that ExecStart is executable
     printf '#!/bin/sh\nexit 0\n' >"$T/dotproxy"
     chmod 0755 "$T/dotproxy"
-    sed "s#/usr/local/bin/dotproxy#$T/dotproxy#g" "$UNIT" >"$T/dotproxy.service"
-    if out=$(systemd-analyze verify "$T/dotproxy.service" 2>&1) && [ -z "$out" ]; then
-        pass "systemd-analyze verify $UNIT"
-    else
-        printf '%s\n' "$out" | sed "s#$T/##g"
-        fail "systemd-analyze verify $UNIT"
-    fi
-    if systemd-analyze security --help 2>/dev/null | grep -q -- '--offline'; then
-        out=$(systemd-analyze security --offline=yes --no-pager "$UNIT" 2>&1 || true)
-        score=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")
-        if [ -n "$score" ] && awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }'; then
-            pass "systemd-analyze security: exposure $score (<= $MAX_EXPOSURE)"
-        else
-            printf '%s\n' "$out" | grep -E '✗|Overall' || printf '%s\n' "$out" | tail -n 20
-            fail "systemd-analyze security: exposure <= $MAX_EXPOSURE" "got '${score:-none}'"
+    # one directory per way of running; verify and security read the
+    # drop-in directory next to the unit
+    mkdir -p "$T/alone" "$T/socket/dotproxy.service.d"
+    sed "s#/usr/local/bin/dotproxy#$T/dotproxy#g" "$UNIT" >"$T/alone/dotproxy.service"
+    cp "$T/alone/dotproxy.service" "$T/socket/dotproxy.service"
+    cp "$SOCKET" "$T/socket/dotproxy.socket"
+    cp "$DROPIN" "$T/socket/dotproxy.service.d/socket.conf"
+    for way in alone socket; do
+        units=("$T/$way/dotproxy.service")
+        what=$UNIT
+        if [ "$way" = socket ]; then
+            units=("$T/socket/dotproxy.socket" "${units[@]}")
+            what="$SOCKET + $UNIT + $DROPIN"
         fi
-    else
-        echo "note: systemd-analyze security has no --offline here, skipped"
-    fi
+        if out=$(systemd-analyze verify "${units[@]}" 2>&1) && [ -z "$out" ]; then
+            pass "systemd-analyze verify $what"
+        else
+            printf '%s\n' "$out" | sed "s#$T/##g"
+            fail "systemd-analyze verify $what"
+        fi
+        if systemd-analyze security --help 2>/dev/null | grep -q -- '--offline'; then
+            out=$(systemd-analyze security --offline=yes --no-pager "$T/$way/dotproxy.service" 2>&1 || true)
+            score=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")
+            if [ -n "$score" ] && awk -v s="$score" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(s <= m) }'; then
+                pass "systemd-analyze security ($way): exposure $score (<= $MAX_EXPOSURE)"
+            else
+                printf '%s\n' "$out" | grep -E '✗|Overall' || printf '%s\n' "$out" | tail -n 20
+                fail "systemd-analyze security ($way): exposure <= $MAX_EXPOSURE" "got '${score:-none}'"
+            fi
+        else
+            echo "note: systemd-analyze security has no --offline here, skipped"
+        fi
+    done
 fi
 
 checks_done deploy-check

@@ -99,6 +99,11 @@ OPTIONS:
                                   exemption (default 127.0.0.0/8 and ::1/128)
       --per-ip-ipv6-prefix LEN    per-address limits count IPv6 clients by this
                                   prefix (default 64, 16 to 128)
+      --user NAME[:GROUP]         started as root: bind every socket, then run as
+                                  NAME (and GROUP, default NAME's own group) with
+                                  no capabilities; refused when not root unless
+                                  already NAME; --config and CA files must be
+                                  readable by NAME for SIGHUP
       --config FILE               read more options from FILE, one per line as
                                   `name value` (e.g. upstream 1.1.1.1#cloudflare-dns.com);
                                   SIGHUP re-reads it and applies upstreams, forwards,
@@ -197,6 +202,8 @@ pub struct Config {
     /// The --config file, and how often to look for a change to it.
     pub config_file: Option<PathBuf>,
     pub watch_config: Option<Duration>,
+    /// `--user NAME[:GROUP]`, as given: become that user once bound.
+    pub user: Option<String>,
 }
 
 /// The bounds on what clients can make the proxy hold.
@@ -261,6 +268,9 @@ impl Config {
         }
         if self.reuseport != new.reuseport {
             changed.push("--reuseport");
+        }
+        if self.user != new.user {
+            changed.push("--user");
         }
         if self.cache.size != new.cache.size || self.cache.memory != new.cache.memory {
             changed.push("--cache-size/--cache-memory");
@@ -731,6 +741,13 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     if watch_config.is_some() && config_file.is_none() {
         return Err(Exit::Usage("--watch-config needs --config FILE".into()));
     }
+    let user: Option<String> = p.opt_value_from_str("--user").map_err(usage)?;
+    if let Some(u) = &user {
+        let (name, group) = u.split_once(':').unwrap_or((u, "x"));
+        if name.is_empty() || group.is_empty() || group.contains(':') {
+            return Err(Exit::Usage(format!("--user {u:?}: expected NAME or NAME:GROUP")));
+        }
+    }
     let limits = limits(&mut p)?;
     if let Some(arg) = p.finish().first() {
         return Err(Exit::Usage(format!("unexpected argument {:?} (see --help)", arg)));
@@ -760,6 +777,7 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
         cache,
         config_file,
         watch_config,
+        user,
     })
 }
 
@@ -826,6 +844,13 @@ mod tests {
         // A single option on both: the command line's wins, no error.
         let c = parse(args(&["--config", path.to_str().unwrap(), "--timeout", "700"])).unwrap();
         assert_eq!(c.timeout, Duration::from_millis(700));
+        assert_eq!(c.user, None);
+        std::fs::write(&path, "user nobody:nogroup\n").unwrap();
+        let c = parse(args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(c.user.as_deref(), Some("nobody:nogroup"));
+        for bad in ["", ":x", "x:", "a:b:c"] {
+            assert!(parse(args(&["--user", bad])).is_err(), "--user {bad:?}");
+        }
         std::fs::write(&path, "bogus 1\n").unwrap();
         assert!(matches!(
             parse(args(&["--config", path.to_str().unwrap()])),

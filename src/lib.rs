@@ -30,6 +30,8 @@
 //! | [`failure`] | what each failure answers (RCODE, Extended DNS Error) |
 //! | [`http`], [`metrics`] | `/metrics` and `/healthz` |
 //! | [`notice`] | rate-limited warnings |
+//! | [`privileges`] | `--user`: leaving root once bound |
+//! | [`systemd`] | sockets passed at start, readiness told back |
 //!
 //! Invariants that hold across rooms:
 //! - data flows one way: the loop calls rooms, rooms never call the loop;
@@ -53,8 +55,10 @@ pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod notice;
+pub mod privileges;
 pub mod proxy;
 pub mod queries;
+pub mod systemd;
 pub mod timers;
 pub mod token;
 pub mod upstream;

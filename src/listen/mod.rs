@@ -15,7 +15,7 @@ pub mod udp;
 use std::io;
 use std::net::SocketAddr;
 
-use log::info;
+use log::{info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
 
@@ -75,6 +75,63 @@ impl Listeners {
             l.udp.push(UdpListener::new(u, max_query));
             l.tcp.push(Some(t));
             l.retry_armed.push(false);
+        }
+        Ok(l)
+    }
+
+    /// Serve on the sockets the service manager passed instead of binding:
+    /// they replace `--listen` entirely (the unit's ExecStart may keep
+    /// its --listen for when it runs without its socket unit).
+    pub fn adopt(
+        fds: Vec<crate::systemd::PassedFd>,
+        max_query: usize,
+        registry: &Registry,
+    ) -> Result<Listeners, String> {
+        let mut l = Listeners {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+            retry_armed: Vec::new(),
+            bound: Vec::new(),
+        };
+        for passed in fds {
+            let from = match &passed.name {
+                Some(name) => format!("passed by systemd, {name:?}"),
+                None => "passed by systemd".to_string(),
+            };
+            match socket::adopt(passed.fd).map_err(|e| format!("LISTEN_FDS: {e}"))? {
+                (socket::Passed::Udp(mut u), addr) => {
+                    let i = l.udp.len();
+                    if i >= MAX_LISTENERS {
+                        return Err(format!("LISTEN_FDS: at most {MAX_LISTENERS} UDP sockets"));
+                    }
+                    registry
+                        .register(&mut u, Source::Udp(i).token(), Interest::READABLE | Interest::WRITABLE)
+                        .map_err(|e| format!("register udp {addr}: {e}"))?;
+                    info!("listening on udp {addr} ({from})");
+                    l.bound.push(("udp", addr));
+                    l.udp.push(UdpListener::new(u, max_query));
+                }
+                (socket::Passed::Tcp(mut t), addr) => {
+                    let i = l.tcp.len();
+                    if i >= MAX_LISTENERS {
+                        return Err(format!("LISTEN_FDS: at most {MAX_LISTENERS} TCP sockets"));
+                    }
+                    registry
+                        .register(&mut t, Source::TcpListener(i).token(), Interest::READABLE)
+                        .map_err(|e| format!("register tcp {addr}: {e}"))?;
+                    info!("listening on tcp {addr} ({from})");
+                    l.bound.push(("tcp", addr));
+                    l.tcp.push(Some(t));
+                    l.retry_armed.push(false);
+                }
+            }
+        }
+        // Either alone works, but clients then lose something they rely on.
+        if l.tcp.is_empty() {
+            warn!("no TCP socket passed: truncated UDP answers cannot be retried over TCP");
+        }
+        if l.udp.is_empty() {
+            warn!("no UDP socket passed: only DNS over TCP is served");
         }
         Ok(l)
     }

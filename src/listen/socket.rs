@@ -103,3 +103,44 @@ pub fn raise_nofile() -> u64 {
 pub fn clients_under(nofile: u64, reserved: u64) -> usize {
     usize::try_from(nofile.saturating_sub(reserved).max(1)).unwrap_or(usize::MAX)
 }
+
+/// A listening socket passed by the service manager.
+pub enum Passed {
+    Udp(UdpSocket),
+    Tcp(TcpListener),
+}
+
+/// Take over a passed descriptor: an IPv4 or IPv6 UDP socket, or a TCP
+/// socket already listening. Anything else (a unix socket, a connection
+/// from `Accept=yes`) is refused: a socket unit that does not match the
+/// proxy should stop it, not be half served.
+pub fn adopt(fd: std::os::fd::OwnedFd) -> Result<(Passed, SocketAddr), String> {
+    let raw = fd.as_raw_fd();
+    let s = socket2::Socket::from(fd);
+    let bad = |what: String| format!("descriptor {raw}: {what}");
+    let addr = s
+        .local_addr()
+        .map_err(|e| bad(e.to_string()))?
+        .as_socket()
+        .ok_or_else(|| bad("not an IPv4 or IPv6 socket".into()))?;
+    let ty = s.r#type().map_err(|e| bad(format!("SO_TYPE: {e}")))?;
+    // The manager clears CLOEXEC to pass them; nothing of ours is to inherit them.
+    s.set_nonblocking(true)
+        .and_then(|()| s.set_cloexec(true))
+        .map_err(|e| bad(e.to_string()))?;
+    let passed = if ty == socket2::Type::DGRAM {
+        let udp = UdpSocket::from_std(s.into());
+        set_rcvbuf(&udp, UDP_RCVBUF);
+        Passed::Udp(udp)
+    } else if ty == socket2::Type::STREAM {
+        if !s.is_listener().map_err(|e| bad(format!("SO_ACCEPTCONN: {e}")))? {
+            return Err(bad(format!(
+                "stream socket on {addr} is not listening (Accept=yes is not supported)"
+            )));
+        }
+        Passed::Tcp(TcpListener::from_std(s.into()))
+    } else {
+        return Err(bad(format!("{addr}: neither a datagram nor a stream socket")));
+    };
+    Ok((passed, addr))
+}

@@ -34,6 +34,7 @@ use crate::listen::Listeners;
 use crate::metrics::{self, Stats, View};
 use crate::notice::{Notice, Notices};
 use crate::queries::{Queries, QueryRef};
+use crate::systemd::{Notifier, PassedFd};
 use crate::timers::{poll_timeout, Timer, Timers};
 use crate::token::Source;
 use crate::upstream::{Orphan, Pool};
@@ -159,6 +160,7 @@ pub struct Proxy {
     /// The digest of the --config file's content as last applied, when
     /// --watch-config looks for changes.
     watched: Option<u64>,
+    notify: Notifier,
 }
 
 /// A digest of the file's content; a file that cannot be read has none.
@@ -174,9 +176,26 @@ impl Proxy {
     /// Bind every listener and set up the loop; nothing is served until
     /// [`run`](Self::run).
     pub fn bind(cfg: &Config) -> Result<Proxy, String> {
+        Proxy::bind_with(cfg, None, Notifier::default())
+    }
+
+    /// Like [`bind`](Self::bind), on the sockets the service manager
+    /// passed (`passed`, replacing `--listen`) when there are any, telling
+    /// it about readiness, reloads and the drain through `notify`.
+    pub fn bind_with(cfg: &Config, passed: Option<Vec<PassedFd>>, notify: Notifier) -> Result<Proxy, String> {
         let nofile = crate::listen::socket::raise_nofile();
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-        let listeners = Listeners::bind(&cfg.listen, cfg.reuseport, cfg.limits.max_query_size, poll.registry())?;
+        let max_query = cfg.limits.max_query_size;
+        let listeners = match passed {
+            Some(fds) => {
+                info!(
+                    "serving on the {} sockets passed by systemd; --listen is not bound",
+                    fds.len()
+                );
+                Listeners::adopt(fds, max_query, poll.registry())?
+            }
+            None => Listeners::bind(&cfg.listen, cfg.reuseport, max_query, poll.registry())?,
+        };
         let pool = Pool::new(cfg)?;
         let (http, _) = HttpServer::bind(cfg.metrics, poll.registry())?;
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -235,6 +254,7 @@ impl Proxy {
             stats: Stats::default(),
             stopping: None,
             watched,
+            notify,
         })
     }
 
@@ -246,6 +266,9 @@ impl Proxy {
     /// Serve until SIGINT or SIGTERM, then drain and return.
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        if self.notify.enabled() {
+            self.notify.ready(&self.status());
+        }
         loop {
             let timeout = self.next_wakeup(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -470,11 +493,26 @@ impl Proxy {
 
     // ---- reload and shutdown ----
 
-    /// SIGHUP: read the command line and --config file again and apply
+    /// One line for `systemctl status`.
+    fn status(&self) -> String {
+        let listening: Vec<String> = self.listeners.bound().iter().map(|(p, a)| format!("{p} {a}")).collect();
+        format!("serving on {}", listening.join(", "))
+    }
+
+    /// SIGHUP, told to the service manager as RELOADING=1 … READY=1, so it
+    /// shows the reload while it lasts (and, with systemd 253's
+    /// Type=notify-reload, `systemctl reload` waits for it to be over).
+    fn reload(&mut self) {
+        self.notify.reloading();
+        self.apply_reload();
+        self.notify.ready(&self.status());
+    }
+
+    /// Read the command line and --config file again and apply
     /// what can change while running. Queries in flight finish under the
     /// settings they were admitted with; unchanged upstreams keep their
     /// connections, health and counters.
-    fn reload(&mut self) {
+    fn apply_reload(&mut self) {
         let cfg = match crate::config::parse(self.started.args.clone()) {
             Ok(cfg) => cfg,
             Err(Exit::Usage(msg)) => {
@@ -549,6 +587,8 @@ impl Proxy {
             return;
         }
         info!("shutting down: {} queries in flight", self.queries.len());
+        self.notify
+            .stopping(&format!("draining {} queries in flight", self.queries.len()));
         self.listeners.stop(self.poll.registry());
         self.http.stop(self.poll.registry());
         self.stopping = Some(now + self.settings.timeout + Duration::from_millis(100));

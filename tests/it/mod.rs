@@ -20,4 +20,6 @@ mod harness;
 mod malformed;
 mod pipelining;
 mod plain;
+mod privileges;
 mod reload;
+mod systemd;

@@ -64,13 +64,29 @@ impl TestProxy {
     }
 
     pub fn try_start_exact(full: &[&str]) -> Result<TestProxy, String> {
-        let mut child = Command::new(proxy_bin())
-            .args(full)
+        let mut cmd = Command::new(proxy_bin());
+        cmd.args(full);
+        TestProxy::try_start_command(cmd)
+    }
+
+    /// Runs `cmd` (the binary with its environment, or a wrapper that
+    /// execs it, such as systemd-socket-activate) and waits for both
+    /// listening lines.
+    pub fn try_start_command(cmd: Command) -> Result<TestProxy, String> {
+        let (proxy, rx) = TestProxy::launch(cmd)?;
+        proxy.await_listening(rx)
+    }
+
+    /// Runs `cmd` with stderr collected, without waiting for anything;
+    /// [`await_listening`](Self::await_listening) with the receiver
+    /// finishes the start.
+    pub fn launch(mut cmd: Command) -> Result<(TestProxy, mpsc::Receiver<String>), String> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("spawn {}: {e}", proxy_bin()))?;
+            .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
         let stderr = child.stderr.take().expect("piped stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel::<String>();
@@ -86,7 +102,7 @@ impl TestProxy {
                 }
             })
             .expect("spawn stderr reader");
-        let mut proxy = TestProxy {
+        let proxy = TestProxy {
             child,
             udp: "0.0.0.0:0".parse().unwrap(),
             tcp: "0.0.0.0:0".parse().unwrap(),
@@ -94,6 +110,12 @@ impl TestProxy {
             reader: Some(reader),
             exited: None,
         };
+        Ok((proxy, rx))
+    }
+
+    /// Waits (10 s) for both "listening on" lines of a launched proxy.
+    pub fn await_listening(self, rx: mpsc::Receiver<String>) -> Result<TestProxy, String> {
+        let mut proxy = self;
         let deadline = Instant::now() + STARTUP_DEADLINE;
         let (mut udp, mut tcp) = (None, None);
         while udp.is_none() || tcp.is_none() {
