@@ -60,6 +60,10 @@ image-test:
 cross-image:
     scripts/cross-build.sh --image
 
+# The ARM binaries under qemu-user-static through a local DoT upstream (dig, UDP and TCP), and the manifest, as root
+cross-test:
+    scripts/cross-test.sh
+
 # Kubernetes manifests and the systemd unit: static checks
 deploy-check:
     scripts/deploy-check.sh

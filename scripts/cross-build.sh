@@ -192,7 +192,15 @@ for spec in "$AMD64" "${CROSS_TARGETS[@]}"; do
     read -r t platform suffix <<<"$spec"
     tag=$IMAGE:$VERSION-$suffix
     log "podman build --target local --platform $platform -> $tag"
-    podman build --quiet --pull=never --no-cache --layers=false --target local --platform "$platform" \
+    # --no-cache: buildah 1.28 reuses a cached stage across --platform values
+    # (the arm image's variant v7 ended up on the amd64 and arm64 ones);
+    # --squash-all: one layer, /dotproxy (without it, an empty one of the
+    # base stage too). The previous image of that tag would be left behind
+    # untagged.
+    if podman image exists "$tag"; then
+        podman rmi "$tag" >/dev/null
+    fi
+    podman build --quiet --pull=never --no-cache --squash-all --target local --platform "$platform" \
         --build-arg "TARGET=$t" -t "$tag" . >/dev/null
     IFS=/ read -r os arch variant <<<"$platform"
     podman manifest add --os "$os" --arch "$arch" ${variant:+--variant "$variant"} \
