@@ -18,7 +18,10 @@
 #               musl-gcc), one FROM-scratch image per architecture with the
 #               Dockerfile's "local" target (--platform, --build-arg TARGET),
 #               and the manifest list localhost/dotproxy:VERSION-multi of all
-#               three (podman manifest); no registry, no base image
+#               three (podman manifest), written with the images to the OCI
+#               archive target/cross/dotproxy-VERSION-multi.oci.tar; no
+#               registry, no base image. The list is then removed from local
+#               storage (see below), unless CROSS_KEEP_MANIFEST=1
 #   --no-build  use the binaries already in target/ (no cargo)
 #
 # Installs what is missing: zig (PyPI package ziglang) and cargo-zigbuild
@@ -36,6 +39,7 @@
 #   CROSS_ZIGBUILD        pip requirement for cargo-zigbuild
 #                         (default cargo-zigbuild==0.24.1)
 #   CROSS_IMAGE           image name without tag (default localhost/dotproxy)
+#   CROSS_KEEP_MANIFEST=1 keep the manifest list in local storage
 set -euo pipefail
 
 LIB=$(dirname "$(readlink -f "$0")")/lib
@@ -54,6 +58,7 @@ ZIGBUILD=${CROSS_ZIGBUILD:-cargo-zigbuild==0.24.1}
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 IMAGE=${CROSS_IMAGE:-localhost/dotproxy}
 MANIFEST=$IMAGE:$VERSION-multi
+ARCHIVE=target/cross/dotproxy-$VERSION-multi.oci.tar
 
 image=0
 build=1
@@ -212,3 +217,18 @@ for m in json.load(sys.stdin)["manifests"]:
     p = m["platform"]
     print("/".join(x for x in (p["os"], p["architecture"], p.get("variant", "")) if x))')
 echo "$MANIFEST: $(tr '\n' ' ' <<<"$platforms")"
+
+# The list as a file, then out of local storage: podman 4.3 keeps no copy of
+# the instance manifests of images added from containers-storage, and once
+# storage also holds intermediate images (any `podman build` with layers,
+# e.g. scripts/image-test.sh) every `podman images` fails on the list
+# ("locating item named manifest-sha256:...: file does not exist").
+mkdir -p "$(dirname "$ARCHIVE")"
+rm -f "$ARCHIVE"
+podman manifest push --quiet --all "$MANIFEST" "oci-archive:$ARCHIVE" >/dev/null
+echo "$ARCHIVE: $(stat -c %s "$ARCHIVE") bytes (OCI image index and the three images)"
+if [ "${CROSS_KEEP_MANIFEST:-0}" = 1 ]; then
+    echo "kept $MANIFEST in local storage (CROSS_KEEP_MANIFEST=1): podman manifest rm $MANIFEST when done"
+else
+    podman manifest rm "$MANIFEST" >/dev/null
+fi

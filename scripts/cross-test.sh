@@ -18,7 +18,10 @@
 #      zone and NXDOMAIN for a missing name; SIGTERM must end it with status 0
 #   4. podman manifest inspect: linux/amd64, linux/arm64 and linux/arm/v7;
 #      each image holds one file, /dotproxy, the very binary tested above,
-#      runs as 65534:65534 with the Dockerfile's entrypoint
+#      runs as 65534:65534 with the Dockerfile's entrypoint; the OCI archive
+#      of the list has the same three platforms. The list is then removed
+#      from local storage (podman 4.3 bug, see cross-build.sh); the images
+#      and the archive stay
 #
 # Usage: scripts/cross-test.sh     (as root; CI: bash scripts/cross-test.sh)
 #
@@ -54,6 +57,7 @@ ZONE=cross.test
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 IMAGE=${CROSS_IMAGE:-localhost/dotproxy}
 MANIFEST=$IMAGE:$VERSION-multi
+ARCHIVE=target/cross/dotproxy-$VERSION-multi.oci.tar
 # target  qemu  `file -b` must say  platform  image tag suffix
 ARCHES=(
     "aarch64-unknown-linux-musl qemu-aarch64-static ARM_aarch64 linux/arm64 arm64"
@@ -78,8 +82,16 @@ cross_exit() {
         [ -z "$WORK" ] || rm -rf "$WORK"
     fi
 }
+# the manifest list, kept for the checks, would break `podman images` later
+# (see cross-build.sh); the images and the OCI archive stay
+manifest_exit() {
+    if podman manifest exists "$MANIFEST" 2>/dev/null; then
+        timeout 60 podman manifest rm "$MANIFEST" >/dev/null 2>&1 || true
+    fi
+}
 at_exit stop_tracked 3
 at_exit cross_exit
+at_exit manifest_exit
 
 # ---------------------------------------------------------------- ports
 USED_PORTS=" "
@@ -125,11 +137,11 @@ echo "$(qemu-aarch64-static --version | head -n 1), unbound $(unbound_version),"
 # ---------------------------------------------------------------- 1. build
 if [ "${CROSS_TEST_NO_BUILD:-0}" = 1 ]; then
     log "scripts/cross-build.sh --image --no-build (CROSS_TEST_NO_BUILD=1)"
-    timeout 300 scripts/cross-build.sh --image --no-build
+    CROSS_KEEP_MANIFEST=1 timeout 300 scripts/cross-build.sh --image --no-build
 else
     log "scripts/cross-build.sh --image"
     tb=$(date +%s)
-    timeout 3000 scripts/cross-build.sh --image
+    CROSS_KEEP_MANIFEST=1 timeout 3000 scripts/cross-build.sh --image
     SUMMARY+=("build (both ARM targets, amd64, images): $(($(date +%s) - tb)) s")
 fi
 
@@ -276,8 +288,30 @@ else
     fail "manifest: exactly 3 images" "$n"
 fi
 
+# the same list in the OCI archive: index.json -> the image index -> platforms
+if arch_platforms=$(python3 - "$ARCHIVE" <<'PY' 2>&1
+import json, sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+    blob = lambda d: json.load(tar.extractfile("blobs/" + d.replace(":", "/")))
+    (top,) = json.load(tar.extractfile("index.json"))["manifests"]
+    for m in blob(top["digest"])["manifests"]:
+        p = m["platform"]
+        blob(m["digest"])  # each image's manifest is in the archive too
+        print("/".join(x for x in (p["os"], p["architecture"], p.get("variant", "")) if x))
+PY
+); then
+    if [ "$(sort <<<"$arch_platforms" | tr '\n' ' ')" = "linux/amd64 linux/arm/v7 linux/arm64 " ]; then
+        pass "archive $ARCHIVE: $(tr '\n' ' ' <<<"$arch_platforms")($(stat -c %s "$ARCHIVE") bytes)"
+    else
+        fail "archive $ARCHIVE: linux/amd64 linux/arm64 linux/arm/v7" "$(tr '\n' ' ' <<<"$arch_platforms")"
+    fi
+else
+    fail "archive $ARCHIVE: readable OCI image index" "$arch_platforms"
+fi
+
 # ---------------------------------------------------------------- summary
 SUMMARY+=("manifest $MANIFEST: $(cut -d' ' -f1 <<<"$platforms" | tr '\n' ' ')")
+SUMMARY+=("archive $ARCHIVE: $(stat -c %s "$ARCHIVE" 2>/dev/null || echo 0) bytes")
 SUMMARY+=("total: $(($(date +%s) - T0)) s")
 echo
 echo "cross-test summary"
