@@ -56,7 +56,7 @@ image-local: musl
 image-test:
     scripts/image-test.sh
 
-# Multi-arch manifest dotproxy:VERSION-multi (amd64, arm64, arm/v7): FROM-scratch images around the static binaries, as root
+# Multi-arch manifest dotproxy:VERSION-multi (amd64, arm64, arm/v7) of FROM-scratch images around the static binaries, as OCI archive in target/cross/, as root
 cross-image:
     scripts/cross-build.sh --image
 
