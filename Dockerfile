@@ -65,10 +65,16 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["/dotproxy", "--listen", "0.0.0.0:5053"]
 
 # ---------------------------------------------------------------- local
-# The binary from the work tree (see .dockerignore, which lets only this file
-# of target/ into the build context).
+# The binary from the work tree (see .dockerignore, which lets only these
+# files of target/ into the build context). TARGET picks another static build
+# of `just cross`, with the matching platform (scripts/cross-build.sh --image):
+#   podman build --no-cache --squash-all --target local --platform linux/arm64 \
+#       --build-arg TARGET=aarch64-unknown-linux-musl -t dotproxy:arm64 .
+# (--no-cache: buildah 1.28 would reuse this stage cached for another
+# platform, variant included; --squash-all: one layer.)
 FROM base AS local
-COPY --chmod=0755 target/x86_64-unknown-linux-musl/release/dotproxy /dotproxy
+ARG TARGET=x86_64-unknown-linux-musl
+COPY --chmod=0755 target/${TARGET}/release/dotproxy /dotproxy
 
 # ---------------------------------------------------------------- image
 # Default target: the binary built above.

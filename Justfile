@@ -39,6 +39,10 @@ musl:
     @file -b {{musl_bin}}
     @echo "{{musl_bin}}: $(stat -c %s {{musl_bin}}) bytes"
 
+# Static, stripped ARM binaries: aarch64-unknown-linux-musl and armv7-unknown-linux-musleabihf (zig and cargo-zigbuild from pip)
+cross:
+    scripts/cross-build.sh
+
 # Container image built from source by the Dockerfile (needs the Rust base image from a registry)
 image *ARGS:
     {{engine}} build -t dotproxy:{{version}} "$@" .
@@ -51,6 +55,14 @@ image-local: musl
 # Build the image (target "local") and check it end to end with podman, as root
 image-test:
     scripts/image-test.sh
+
+# Multi-arch manifest dotproxy:VERSION-multi (amd64, arm64, arm/v7) of FROM-scratch images around the static binaries, as OCI archive in target/cross/, as root
+cross-image:
+    scripts/cross-build.sh --image
+
+# The ARM binaries under qemu-user-static through a local DoT upstream (dig, UDP and TCP), and the manifest, as root
+cross-test:
+    scripts/cross-test.sh
 
 # Kubernetes manifests and the systemd unit: static checks
 deploy-check:
