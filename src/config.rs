@@ -16,6 +16,15 @@ USAGE:
 OPTIONS:
   -l, --listen ADDR:PORT          listen for plain DNS on UDP and TCP; repeatable;
                                   IPv6 as [::1]:5053 (default 127.0.0.1:5053)
+      --listen-tls ADDR[:PORT]    also serve DNS over TLS (RFC 7858) to clients on
+                                  ADDR (port 853 by default); repeatable; needs
+                                  --tls-cert and --tls-key
+      --tls-cert PATH             the listener's certificate chain (PEM, leaf first)
+      --tls-key PATH              its private key (PEM: PKCS#8, PKCS#1 or SEC1)
+      --client-ca PATH            serve only TLS clients whose certificate chains to
+                                  a CA in PATH (PEM), mutual TLS; others fail the
+                                  handshake. SIGHUP re-reads the certificate, key
+                                  and client CA (a broken file keeps the old ones)
   -u, --upstream IP[:PORT]#NAME[@pin=BASE64]...
                                   a DNS-over-TLS resolver; repeatable; port defaults
                                   to 853; NAME is the TLS authentication name (SNI
@@ -185,6 +194,9 @@ pub struct Config {
     /// it on SIGHUP).
     pub args: Vec<std::ffi::OsString>,
     pub listen: Vec<SocketAddr>,
+    /// DNS over TLS to clients: where, and with what certificate.
+    pub listen_tls: Vec<SocketAddr>,
+    pub tls: Option<ServerTls>,
     pub upstreams: Vec<Upstream>,
     /// Split forwarding: names at or under the zone go to these upstreams.
     pub forwards: Vec<(String, Upstream)>,
@@ -204,6 +216,15 @@ pub struct Config {
     pub watch_config: Option<Duration>,
     /// `--user NAME[:GROUP]`, as given: become that user once bound.
     pub user: Option<String>,
+}
+
+/// The certificate files of the DNS-over-TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Mutual TLS: clients must present a certificate chaining to this.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The bounds on what clients can make the proxy hold.
@@ -262,6 +283,9 @@ impl Config {
         let mut changed = Vec::new();
         if self.listen != new.listen {
             changed.push("--listen");
+        }
+        if self.listen_tls != new.listen_tls {
+            changed.push("--listen-tls");
         }
         if self.metrics != new.metrics {
             changed.push("--metrics");
@@ -501,7 +525,7 @@ fn level(s: &str) -> Option<log::LevelFilter> {
 /// Options that may be given more than once: the file's add to the
 /// command line's. Any other option set on the command line wins over the
 /// file's, which is then skipped (pico-args would reject the second).
-const REPEATABLE: [&str; 5] = ["listen", "upstream", "forward", "allow", "per-ip-exempt"];
+const REPEATABLE: [&str; 6] = ["listen", "listen-tls", "upstream", "forward", "allow", "per-ip-exempt"];
 
 fn read_config_file(
     path: &std::path::Path,
@@ -648,6 +672,28 @@ fn forward(f: &str) -> Result<(String, Upstream), Exit> {
     Ok((zone, up.map_err(Exit::Usage)?))
 }
 
+/// --tls-cert, --tls-key and --client-ca: all or nothing with --listen-tls.
+fn server_tls(p: &mut pico_args::Arguments, listening: bool) -> Result<Option<ServerTls>, Exit> {
+    let mut path = |name: &'static str| -> Result<Option<PathBuf>, Exit> {
+        let v: Option<PathBuf> = p
+            .opt_value_from_os_str(name, |s| Ok::<_, String>(PathBuf::from(s)))
+            .map_err(usage)?;
+        match v {
+            Some(f) if !f.is_file() => Err(Exit::Usage(format!("{name} {}: no such file", f.display()))),
+            v => Ok(v),
+        }
+    };
+    let (cert, key, client_ca) = (path("--tls-cert")?, path("--tls-key")?, path("--client-ca")?);
+    match (listening, cert, key) {
+        (true, Some(cert), Some(key)) => Ok(Some(ServerTls { cert, key, client_ca })),
+        (true, _, _) => Err(Exit::Usage("--listen-tls needs --tls-cert and --tls-key".into())),
+        (false, None, None) if client_ca.is_none() => Ok(None),
+        (false, _, _) => Err(Exit::Usage(
+            "--tls-cert, --tls-key and --client-ca are for --listen-tls, which is not given".into(),
+        )),
+    }
+}
+
 fn timeout(ms: Option<u64>) -> Result<Duration, Exit> {
     match ms {
         None => Ok(Duration::from_millis(2500)),
@@ -725,6 +771,8 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     let original = args.clone();
     let (mut p, config_file) = arguments(args)?;
     let listen: Vec<String> = p.values_from_str(["-l", "--listen"]).map_err(usage)?;
+    let listen_tls: Vec<String> = p.values_from_str("--listen-tls").map_err(usage)?;
+    let tls = server_tls(&mut p, !listen_tls.is_empty())?;
     let upstreams: Vec<String> = p.values_from_str(["-u", "--upstream"]).map_err(usage)?;
     let forwards: Vec<String> = p.values_from_str("--forward").map_err(usage)?;
     let ca_file: Option<PathBuf> = p
@@ -760,6 +808,10 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Config, Exit> {
     Ok(Config {
         args: original,
         listen: each(listen, &[DEFAULT_LISTEN], |s| socket_addr("--listen", s))?,
+        listen_tls: each(listen_tls, &[], |s| {
+            parse_addr(s, 853).map_err(|e| Exit::Usage(format!("--listen-tls {e}")))
+        })?,
+        tls,
         upstreams: each(upstreams, &DEFAULT_UPSTREAMS, |s| {
             Upstream::parse(s).map_err(Exit::Usage)
         })?,

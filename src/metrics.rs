@@ -26,6 +26,8 @@ pub struct Stats {
     pub merged: u64,
     pub refused_busy: u64,
     pub tcp_refused: u64,
+    /// DNS-over-TLS client handshakes: (completed, failed).
+    pub tls_handshakes: (u64, u64),
     /// TCP clients closed by the proxy for what they did, by reason.
     pub tcp_closed: TcpClosed,
     /// Answers sent to clients, by 4-bit RCODE.
@@ -223,6 +225,14 @@ fn client_side(e: &mut Exposition, s: &Stats) {
     e.sample(name, &[("reason", "evicted")], s.tcp_closed.evicted);
     e.sample(name, &[("reason", "stopped_reading")], s.tcp_closed.stopped_reading);
     e.sample(name, &[("reason", "too_slow")], s.tcp_closed.too_slow);
+    let name = "dotproxy_tls_handshakes_total";
+    e.header(
+        name,
+        "counter",
+        "DNS-over-TLS client handshakes, by outcome (failed: no common version or cipher, no or a wrong client certificate with --client-ca, garbage).",
+    );
+    e.sample(name, &[("result", "ok")], s.tls_handshakes.0);
+    e.sample(name, &[("result", "failed")], s.tls_handshakes.1);
 }
 
 fn upstream_answers(e: &mut Exposition, s: &Stats) {

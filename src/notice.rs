@@ -13,9 +13,10 @@ pub enum Notice {
     UdpBacklog,
     SlowReader,
     Accept,
+    TlsHandshake,
 }
 
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 #[derive(Debug, Default)]
 pub struct Notices {

@@ -1,5 +1,7 @@
 //! One DNS-over-TCP client connection (RFC 7766): framed queries in,
-//! framed answers out, in any order and with partial reads and writes.
+//! framed answers out, in any order and with partial reads and writes;
+//! over TLS (RFC 7858) when it came in on a `--listen-tls` listener, with
+//! the same framing, limits and idle rules.
 //!
 //! The connection moves bytes and keeps its own counts (queries taken, in
 //! flight, idle time); it says what should happen next ([`NextQuery`],
@@ -11,6 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use rustls::ServerConnection;
 
 use crate::framing::FrameDecoder;
 
@@ -39,10 +42,25 @@ pub fn quick_ack(sock: &TcpStream) {
     let _ = socket2::SockRef::from(sock).set_quickack(true);
 }
 
+/// What became of a TLS client's handshake, reported once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handshake {
+    Done,
+    Failed(String),
+}
+
+/// Bytes handed to rustls at a time: about one TLS record. The rest stays
+/// in `out`, where the slow-reader limits count it.
+const TLS_CHUNK: usize = 16 * 1024;
+
 pub struct Client {
     gen: u32,
     peer: SocketAddr,
     sock: TcpStream,
+    /// DNS over TLS: the session over the socket.
+    tls: Option<Box<ServerConnection>>,
+    /// The handshake's outcome, not yet taken by the table.
+    handshake: Option<Handshake>,
     decoder: FrameDecoder,
     out: Vec<u8>,
     written: usize,
@@ -58,6 +76,8 @@ pub struct Client {
     eof: bool,
     /// Reading stopped because the input buffer is full.
     paused: bool,
+    /// The TLS handshake finished (reported once).
+    handshaken: bool,
     /// On the table's flush list this turn.
     dirty: bool,
 }
@@ -95,12 +115,14 @@ pub struct ClientLimits {
 }
 
 impl Client {
-    pub fn new(sock: TcpStream, peer: SocketAddr, gen: u32, now: Instant) -> Self {
+    pub fn new(sock: TcpStream, peer: SocketAddr, gen: u32, tls: Option<ServerConnection>, now: Instant) -> Self {
         let _ = sock.set_nodelay(true);
         Client {
             gen,
             peer,
             sock,
+            tls: tls.map(Box::new),
+            handshake: None,
             decoder: FrameDecoder::default(),
             out: Vec::new(),
             written: 0,
@@ -110,6 +132,7 @@ impl Client {
             stalled_since: None,
             eof: false,
             paused: false,
+            handshaken: false,
             dirty: false,
         }
     }
@@ -143,7 +166,20 @@ impl Client {
         outcome
     }
 
+    /// The handshake's outcome, once, when there is news of it.
+    pub fn take_handshake(&mut self) -> Option<Handshake> {
+        self.handshake.take()
+    }
+
+    /// TLS records (a handshake flight, an alert) wait to be written.
+    pub fn wants_write(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
     fn read_inner(&mut self, got_any: &mut bool) -> io::Result<ReadOutcome> {
+        if self.tls.is_some() {
+            return self.read_tls(got_any);
+        }
         loop {
             if self.decoder.buffered() >= MAX_BUFFERED_IN {
                 self.paused = true;
@@ -167,6 +203,68 @@ impl Client {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn read_tls(&mut self, got_any: &mut bool) -> io::Result<ReadOutcome> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if self.decoder.buffered() >= MAX_BUFFERED_IN {
+                self.paused = true;
+                return Ok(ReadOutcome::Paused);
+            }
+            let n = match self.sock.read(&mut buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(ReadOutcome::Eof);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.paused = false;
+                    return Ok(ReadOutcome::Drained);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            *got_any = true;
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(ReadOutcome::Drained);
+            };
+            let mut input = buf.get(..n).unwrap_or_default();
+            while !input.is_empty() {
+                tls.read_tls(&mut input)?;
+                let state = match tls.process_new_packets() {
+                    Ok(state) => state,
+                    Err(e) => {
+                        if tls.is_handshaking() {
+                            self.handshake = Some(Handshake::Failed(e.to_string()));
+                        }
+                        // The alert rustls queued tells the client why.
+                        let _ = tls.write_tls(&mut self.sock);
+                        return Err(io::Error::other(format!("TLS: {e}")));
+                    }
+                };
+                if self.handshake.is_none() && !tls.is_handshaking() && !self.handshaken {
+                    self.handshaken = true;
+                    self.handshake = Some(Handshake::Done);
+                }
+                let want = state.plaintext_bytes_to_read();
+                if want > 0 {
+                    let spare = self.decoder.spare(want);
+                    let mut got = 0;
+                    while got < want {
+                        match tls.reader().read(spare.get_mut(got..).unwrap_or_default()) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => got += k,
+                        }
+                    }
+                    self.decoder.commit(want, got);
+                }
+                if state.peer_has_closed() {
+                    self.eof = true;
+                    return Ok(ReadOutcome::Eof);
+                }
             }
         }
     }
@@ -250,6 +348,9 @@ impl Client {
     }
 
     fn write_out(&mut self, now: Instant) -> io::Result<()> {
+        if self.tls.is_some() {
+            return self.write_tls(now);
+        }
         while self.written < self.out.len() {
             match self.sock.write(self.out.get(self.written..).unwrap_or_default()) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -263,18 +364,65 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
+        self.all_written();
+        Ok(())
+    }
+
+    fn all_written(&mut self) {
         self.out.clear();
         self.written = 0;
         self.stalled_since = None;
         if self.out.capacity() > 64 * 1024 {
             self.out = Vec::new();
         }
+    }
+
+    /// Encrypt what is queued a record at a time, each only once rustls
+    /// has written the one before: what the socket does not take stays in
+    /// `out`, counted against the slow-reader limits.
+    fn write_tls(&mut self, now: Instant) -> io::Result<()> {
+        let Some(tls) = self.tls.as_mut() else { return Ok(()) };
+        loop {
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.sock) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => self.stalled_since = Some(now),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.written >= self.out.len() || tls.is_handshaking() {
+                break;
+            }
+            let end = (self.written + TLS_CHUNK).min(self.out.len());
+            tls.writer()
+                .write_all(self.out.get(self.written..end).unwrap_or_default())?;
+            self.written = end;
+            self.last_active = now;
+        }
+        if self.written >= self.out.len() {
+            self.all_written();
+        }
         Ok(())
+    }
+
+    /// A polite end for a TLS client: close_notify, as far as the socket
+    /// takes it now.
+    pub fn close_notify(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+            while tls.wants_write() {
+                if tls.write_tls(&mut self.sock).is_err() {
+                    break;
+                }
+            }
+        }
     }
 
     /// Nothing more will happen on this connection.
     pub fn finished(&self) -> bool {
-        self.eof && self.in_flight == 0 && self.pending_out() == 0
+        self.eof && self.in_flight == 0 && self.pending_out() == 0 && !self.wants_write()
     }
 
     /// The idle check for `now`: close when it completed no query and had

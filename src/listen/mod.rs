@@ -10,6 +10,7 @@
 pub mod client;
 pub mod socket;
 pub mod tcp;
+pub mod tls;
 pub mod udp;
 
 use std::io;
@@ -38,6 +39,8 @@ pub struct Listeners {
     tcp: Vec<Option<TcpListener>>,
     /// One accept-retry timer per listener at most.
     retry_armed: Vec<bool>,
+    /// Which TCP listeners serve DNS over TLS (`--listen-tls`).
+    tls: Vec<bool>,
     bound: Vec<(&'static str, SocketAddr)>,
 }
 
@@ -56,6 +59,7 @@ impl Listeners {
             udp: Vec::new(),
             tcp: Vec::new(),
             retry_armed: Vec::new(),
+            tls: Vec::new(),
             bound: Vec::new(),
         };
         for (i, &addr) in addrs.iter().enumerate() {
@@ -75,6 +79,7 @@ impl Listeners {
             l.udp.push(UdpListener::new(u, max_query));
             l.tcp.push(Some(t));
             l.retry_armed.push(false);
+            l.tls.push(false);
         }
         Ok(l)
     }
@@ -91,6 +96,7 @@ impl Listeners {
             udp: Vec::new(),
             tcp: Vec::new(),
             retry_armed: Vec::new(),
+            tls: Vec::new(),
             bound: Vec::new(),
         };
         for passed in fds {
@@ -123,6 +129,7 @@ impl Listeners {
                     l.bound.push(("tcp", addr));
                     l.tcp.push(Some(t));
                     l.retry_armed.push(false);
+                    l.tls.push(false);
                 }
             }
         }
@@ -136,7 +143,33 @@ impl Listeners {
         Ok(l)
     }
 
-    /// The addresses bound, as ("udp" | "tcp", address).
+    /// Bind the DNS-over-TLS listeners (TCP only) after the others.
+    pub fn bind_tls(&mut self, addrs: &[SocketAddr], reuseport: bool, registry: &Registry) -> Result<(), String> {
+        for &addr in addrs {
+            let i = self.tcp.len();
+            if i >= MAX_LISTENERS {
+                return Err(format!("at most {MAX_LISTENERS} TCP listeners"));
+            }
+            let mut t = socket::bind_tcp(addr, reuseport).map_err(|e| format!("cannot listen on {addr} (tls): {e}"))?;
+            registry
+                .register(&mut t, Source::TcpListener(i).token(), Interest::READABLE)
+                .map_err(|e| format!("register {addr}: {e}"))?;
+            let ta = t.local_addr().map_err(|e| e.to_string())?;
+            info!("listening on tls {ta}");
+            self.bound.push(("tls", ta));
+            self.tcp.push(Some(t));
+            self.retry_armed.push(false);
+            self.tls.push(true);
+        }
+        Ok(())
+    }
+
+    /// Whether TCP listener `i` serves DNS over TLS.
+    pub fn is_tls(&self, i: usize) -> bool {
+        self.tls.get(i).copied().unwrap_or(false)
+    }
+
+    /// The addresses bound, as ("udp" | "tcp" | "tls", address).
     pub fn bound(&self) -> &[(&'static str, SocketAddr)] {
         &self.bound
     }

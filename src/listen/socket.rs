@@ -73,6 +73,13 @@ pub fn bind_pair(addr: SocketAddr, reuseport: bool) -> io::Result<(UdpSocket, Tc
     Err(last.unwrap_or_else(|| io::ErrorKind::AddrInUse.into()))
 }
 
+/// Bind a TCP listener alone (the DNS-over-TLS listener has no UDP side).
+pub fn bind_tcp(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
+    let s = bind_socket(addr, socket2::Type::STREAM, reuseport)?;
+    s.listen(1024)?;
+    Ok(TcpListener::from_std(s.into()))
+}
+
 /// Raise the soft limit on open descriptors to the hard limit (containers
 /// often start at 1024 soft, much more hard); returns the soft limit in
 /// force afterwards.

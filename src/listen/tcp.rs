@@ -16,7 +16,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 use slab::Slab;
 
-use super::client::{Client, ClientLimits, Delivered, IdleCheck, NextQuery};
+use super::client::{Client, ClientLimits, Delivered, Handshake, IdleCheck, NextQuery};
 use crate::config::PerAddress;
 use crate::timers::{Timer, Timers};
 use crate::token::Source;
@@ -170,6 +170,7 @@ impl Clients {
     /// deregistered, uncounted, removed.
     fn remove(&mut self, key: usize, registry: &Registry) {
         if let Some(mut c) = self.slab.try_remove(key) {
+            c.close_notify();
             let _ = registry.deregister(c.source());
             self.admission.release(c.peer().ip());
             self.pending_out = self.pending_out.saturating_sub(c.pending_out());
@@ -196,14 +197,24 @@ impl Clients {
     /// logged), and it is refused only when every one is busy. Returns its
     /// key; read it at once (data may have come with the handshake, before
     /// the registration's edge).
+    #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
         sock: TcpStream,
         peer: SocketAddr,
+        tls: Option<&std::sync::Arc<rustls::ServerConfig>>,
         now: Instant,
         registry: &Registry,
         timers: &mut Timers,
     ) -> Result<(usize, Option<SocketAddr>), Refusal> {
+        let session = match tls.map(|cfg| rustls::ServerConnection::new(std::sync::Arc::clone(cfg))) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                debug!("tls client {peer}: {e}");
+                return Err(Refusal::Total(self.admission.max_total));
+            }
+        };
         let ip = peer.ip();
         let evicted = match self.admission.admit(ip) {
             Ok(()) => None,
@@ -227,7 +238,7 @@ impl Clients {
         let gen = self.next_gen;
         let entry = self.slab.vacant_entry();
         let key = entry.key();
-        let mut client = Client::new(sock, peer, gen, now);
+        let mut client = Client::new(sock, peer, gen, session, now);
         let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(e) = registry.register(client.source(), Source::Client(key).token(), interest) {
             debug!("register tcp client {peer}: {e}");
@@ -250,17 +261,29 @@ impl Clients {
 
     /// Readiness on client `key`: read what is there (unless `reading` is
     /// off, during shutdown) and note it for the flush when writable.
-    pub fn on_event(&mut self, key: usize, readable: bool, writable: bool, reading: bool) {
-        let Some(c) = self.slab.get_mut(key) else { return };
+    /// Readiness of client `key`: read what came, queue what is due. A TLS
+    /// client's handshake outcome comes back once, for the loop to count.
+    pub fn on_event(&mut self, key: usize, readable: bool, writable: bool, reading: bool) -> Option<Handshake> {
+        let c = self.slab.get_mut(key)?;
         if writable && c.mark_dirty() {
             self.dirty.push(key);
         }
+        let mut failed = false;
         if readable && reading {
             if let Err(e) = c.read() {
                 debug!("tcp client {}: {e}", c.peer());
-                self.doom(key);
+                failed = true;
             }
         }
+        // A handshake flight or an alert to send.
+        if c.wants_write() && c.mark_dirty() {
+            self.dirty.push(key);
+        }
+        let handshake = c.take_handshake();
+        if failed {
+            self.doom(key);
+        }
+        handshake
     }
 
     /// The next query of client `key` into `frame`, or what stops it; a

@@ -161,6 +161,8 @@ pub struct Proxy {
     /// --watch-config looks for changes.
     watched: Option<u64>,
     notify: Notifier,
+    /// The DNS-over-TLS listener's configuration; replaced on reload.
+    tls_server: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// A digest of the file's content; a file that cannot be read has none.
@@ -196,6 +198,9 @@ impl Proxy {
             }
             None => Listeners::bind(&cfg.listen, cfg.reuseport, max_query, poll.registry())?,
         };
+        let mut listeners = listeners;
+        let tls_server = cfg.tls.as_ref().map(crate::listen::tls::server_config).transpose()?;
+        listeners.bind_tls(&cfg.listen_tls, cfg.reuseport, poll.registry())?;
         let pool = Pool::new(cfg)?;
         let (http, _) = HttpServer::bind(cfg.metrics, poll.registry())?;
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -255,6 +260,7 @@ impl Proxy {
             stopping: None,
             watched,
             notify,
+            tls_server,
         })
     }
 
@@ -336,7 +342,8 @@ impl Proxy {
             Source::TcpListener(i) => self.accept(i, now),
             Source::Client(key) => {
                 let reading = self.stopping.is_none();
-                self.clients.on_event(key, readable, writable, reading);
+                let handshake = self.clients.on_event(key, readable, writable, reading);
+                self.handshake(key, handshake, now);
                 self.client_queries(key, now);
             }
             Source::Upstream(key) => self.upstream_event(key, now),
@@ -542,6 +549,14 @@ impl Proxy {
         );
         let watching = self.settings.watch_config.is_some();
         self.settings = Settings::of(&cfg, self.settings.nofile);
+        // Certificate rotation: new connections get the files as they are
+        // now; open ones keep their session. A broken file changes nothing.
+        if let Some(t) = cfg.tls.as_ref().filter(|_| self.tls_server.is_some()) {
+            match crate::listen::tls::server_config(t) {
+                Ok(c) => self.tls_server = Some(c),
+                Err(e) => warn!("reload: keeping the TLS listener's certificate: {e}"),
+            }
+        }
         if let (false, Some(every)) = (watching, self.settings.watch_config) {
             // Added by this reload (a SIGHUP): start looking.
             self.watched = cfg.config_file.as_deref().and_then(file_digest);

@@ -10,7 +10,7 @@ use log::debug;
 use super::Proxy;
 use crate::cache::Lookup;
 use crate::failure::Failure;
-use crate::listen::client::NextQuery;
+use crate::listen::client::{Handshake, NextQuery};
 use crate::listen::tcp::{Gone, Refusal};
 use crate::listen::udp::{Recv, Send};
 use crate::listen::Accept;
@@ -76,9 +76,17 @@ impl Proxy {
                         self.notices.warn(Notice::AccessList, now, what);
                         continue;
                     }
+                    let tls = if self.listeners.is_tls(i) {
+                        match &self.tls_server {
+                            Some(cfg) => Some(cfg),
+                            None => continue,
+                        }
+                    } else {
+                        None
+                    };
                     match self
                         .clients
-                        .admit(sock, peer, now, self.poll.registry(), &mut self.timers)
+                        .admit(sock, peer, tls, now, self.poll.registry(), &mut self.timers)
                     {
                         Ok((key, evicted)) => {
                             if let Some(old) = evicted {
@@ -109,8 +117,24 @@ impl Proxy {
     pub(super) fn client_queries_after_read(&mut self, key: usize, now: Instant) {
         // Data may have arrived with the handshake; the edge for it was
         // before registration on some kernels.
-        self.clients.on_event(key, true, false, self.stopping.is_none());
+        let handshake = self.clients.on_event(key, true, false, self.stopping.is_none());
+        self.handshake(key, handshake, now);
         self.client_queries(key, now);
+    }
+
+    /// Count a TLS client's handshake; a failure is logged (rate-limited:
+    /// a scanner must not fill the log).
+    pub(super) fn handshake(&mut self, key: usize, outcome: Option<Handshake>, now: Instant) {
+        match outcome {
+            None => {}
+            Some(Handshake::Done) => self.stats.tls_handshakes.0 += 1,
+            Some(Handshake::Failed(e)) => {
+                self.stats.tls_handshakes.1 += 1;
+                let peer = self.clients.peer(key).map_or_else(|| "?".into(), |p| p.to_string());
+                let what = format_args!("tls client {peer}: handshake failed: {e}");
+                self.notices.warn(Notice::TlsHandshake, now, what);
+            }
+        }
     }
 
     /// Take the client's buffered queries while it is under its caps.

@@ -4,6 +4,7 @@
 mod basic;
 mod cache;
 mod cli;
+mod dot_listener;
 mod failures;
 mod fault_client;
 mod fault_edns;

@@ -189,6 +189,17 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// A client certificate (ClientAuth) issued by this CA, for mutual TLS.
+    pub fn client_leaf(&self, name: &str) -> Leaf {
+        let key = KeyPair::generate().expect("client key");
+        let mut params = leaf_params(&[name], Validity::Valid);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign client leaf");
+        Leaf::from_parts(&cert, &key)
+    }
+}
+
 impl Default for TestCa {
     fn default() -> Self {
         Self::new()
