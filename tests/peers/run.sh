@@ -12,7 +12,8 @@
 #
 # Needs: unbound, dig + mdig (dnsutils), kdig (knot-dnsutils), dnsperf,
 # openssl, ss (iproute2), ps (procps), timeout (coreutils), curl, promtool
-# (prometheus), unbound-control (unbound); optional: tcpdump, python3.
+# (prometheus), unbound-control (unbound), stubby (the DoT listener's checks
+# fail without it); optional: tcpdump, python3.
 #
 # Everything is bounded: each client call runs under timeout(1), each wait
 # loop has a deadline, and every process started here is killed by PID from
@@ -24,8 +25,14 @@
 #   PEERS_DURATION=5    dnsperf run length in seconds
 #   PEERS_QPS=2000      dnsperf rate limit (-Q)
 #   PEERS_CAPTURE=0     skip the padding-on-the-wire check (tcpdump)
+#   PEERS_DOT_LISTENER=0  skip dot-listener.sh (for a BIN without
+#                       --listen-tls, e.g. unbound-shim.sh)
 #   PEERS_FEATURES=0    skip features.sh (e.g. for unbound-shim.sh, which has
 #                       no cache, pins, forwarding or --config)
+#
+# The checks of dotproxy's own DoT listener (--listen-tls, --client-ca)
+# against kdig, openssl s_client, dnsperf -m dot and stubby are in
+# dot-listener.sh, sourced from here.
 #
 # The checks of the newer features (cache, SPKI pins, --forward, --config
 # and SIGHUP, padding on the wire, edns-tcp-keepalive, plain upstreams for
@@ -171,6 +178,8 @@ fi
 # ---------------------------------------------------------------- helpers
 # shellcheck source-path=SCRIPTDIR source=features.sh
 . "$(dirname "$(readlink -f "$0")")/features.sh"
+# shellcheck source-path=SCRIPTDIR source=dot-listener.sh
+. "$(dirname "$(readlink -f "$0")")/dot-listener.sh"
 
 # flags_of TEXT: header flags of the first dig response
 flags_of() {
@@ -417,6 +426,10 @@ for probe in "GET /healthz 200" "GET /nope 404" "POST /metrics 405"; do
         fail "metrics: $method $path -> $want" "got $code"
     fi
 done
+
+if [ "${PEERS_DOT_LISTENER:-1}" != 0 ]; then
+    peer_dot_listener
+fi
 
 if [ "${PEERS_FEATURES:-1}" != 0 ]; then
     peer_features
