@@ -9,6 +9,10 @@
 #   direct-plain      dnsperf straight to the upstream's plain port (ceiling)
 #   direct-dot        dnsperf -m dot straight to the upstream (DoT ceiling)
 #   dotproxy          $DOTPROXY (default target/release/dotproxy)
+#   dotproxy-dot      the same binary, dnsperf -m dot to its own DoT listener
+#                     (--listen-tls 127.0.0.1:8530, the upstream's certificate;
+#                     dnsperf does not verify it); tcp loads only, beside
+#                     dotproxy's plain TCP rows
 #   stubby            stubby / getdns
 #   dnsdist           dnsdist, default backend (one query in flight per conn)
 #   dnsdist-inflight  dnsdist, maxInFlight = 100
@@ -88,7 +92,7 @@ ZIPF_GAP=31
 ZIPF_LINES=$((250000 * SECONDS_RUN))
 
 # ---------------------------------------------------------------- filters
-ALL_ORDER=(direct-plain direct-dot dotproxy stubby dnsdist dnsdist-inflight unbound-fwd dotproxy-cache dnsdist-cache unbound-fwd-cache)
+ALL_ORDER=(direct-plain direct-dot dotproxy dotproxy-dot stubby dnsdist dnsdist-inflight unbound-fwd dotproxy-cache dnsdist-cache unbound-fwd-cache)
 
 # the loads, by name (BENCH_LOADS): "MODE Q" runs of every target, the
 # low-load latency block, and the Zipf loads ("MODE Q QPS_LIMIT")
@@ -286,7 +290,7 @@ DOTPROXY_HAS_CACHE=0
 help_text=$("$DOTPROXY" --help 2>&1 || true)
 case $help_text in *--cache-size*) DOTPROXY_HAS_CACHE=1 ;; esac
 
-TARGETS=(direct-plain direct-dot dotproxy stubby dnsdist dnsdist-inflight unbound-fwd)
+TARGETS=(direct-plain direct-dot dotproxy dotproxy-dot stubby dnsdist dnsdist-inflight unbound-fwd)
 if [ "${BENCH_CACHE:-0}" = 1 ]; then
     if [ "$DOTPROXY_HAS_CACHE" = 1 ]; then
         TARGETS+=(dotproxy-cache)
@@ -339,9 +343,11 @@ fi
 
 PORT_OF=([direct-plain]=5300 [direct-dot]=8853 [stubby]=5301 [dnsdist]=5302 [unbound-fwd]=5303
     [dnsdist-cache]=5304 [unbound-fwd-cache]=5305 [dnsdist-inflight]=5306 [dotproxy]=5310
-    [dotproxy-cache]=5311 [zipf-dotproxy]=5312 [zipf-dotproxy-cache]=5313 [zipf-dnsdist-cache]=5314
+    [dotproxy-cache]=5311 [dotproxy-dot]=5316 [zipf-dotproxy]=5312 [zipf-dotproxy-cache]=5313 [zipf-dnsdist-cache]=5314
     [zipf-unbound-fwd-cache]=5315 [upstream-zipf]=5320)
 ZIPF_METRICS=127.0.0.1:9313 # zipf-dotproxy-cache's /metrics
+# dotproxy-dot's DoT listener (PORT_OF has its plain port, for the probes)
+DOTPROXY_DOT_TLS=8530
 
 # start_target NAME: start the daemon in $WORK, logs in $WORK/logs/NAME.log
 start_target() {
@@ -351,6 +357,9 @@ start_target() {
         upstream) cmd=(unbound -d -c upstream.conf) ;;
         dotproxy) cmd=("$DOTPROXY" --listen "127.0.0.1:$port" --upstream "127.0.0.1:8853#dot.test"
             --ca-file certs/ca.pem --timeout 2000 --log-level warn) ;;
+        dotproxy-dot) cmd=("$DOTPROXY" --listen "127.0.0.1:$port" --upstream "127.0.0.1:8853#dot.test"
+            --ca-file certs/ca.pem --timeout 2000 --log-level warn
+            --listen-tls "127.0.0.1:$DOTPROXY_DOT_TLS" --tls-cert certs/server-chain.pem --tls-key certs/server.key) ;;
         dotproxy-cache) cmd=("$DOTPROXY" --listen "127.0.0.1:$port" --upstream "127.0.0.1:8853#dot.test"
             --ca-file certs/ca.pem --timeout 2000 --log-level warn --cache-size 10000) ;;
         upstream-zipf) cmd=(unbound -d -c upstream-zipf.conf) ;;
@@ -501,7 +510,14 @@ run_one() {
     fi
     local port=${PORT_OF[$inst]} pid=${PID_OF[$inst]} mode=$lmode
     local -a extra=()
-    case $t in direct-dot) mode=dot ;; esac
+    case $t in
+        direct-dot) mode=dot ;;
+        # its DoT listener, next to dotproxy's plain TCP: tcp loads only
+        dotproxy-dot)
+            [ "$lmode" = tcp ] || return 0
+            mode=dot port=$DOTPROXY_DOT_TLS
+            ;;
+    esac
     [ "$qlim" != 0 ] && extra=(-Q "$qlim")
     if ! is_running "$pid"; then
         echo "    $t is not running any more: run skipped"
@@ -598,6 +614,11 @@ fi
 nz=${#ZIPF_RUN[@]}
 [ "$nz" -gt 0 ] || RUN_ZIPF_LOADS=()
 runs_per_round=$((nt * ${#RUN_LOADS[@]} + ${#RUN_LAT[@]} + nz * ${#RUN_ZIPF_LOADS[@]}))
+if in_list dotproxy-dot "${RUN_TARGETS[@]}"; then # it skips the udp loads
+    for l in "${RUN_LOADS[@]}"; do
+        case $l in udp*) runs_per_round=$((runs_per_round - 1)) ;; esac
+    done
+fi
 eta=$((ROUNDS * runs_per_round * (SECONDS_RUN + 3) / 60 + 1))
 RUN_LOAD_NAMES=()
 for l in "${RUN_LOADS[@]}"; do RUN_LOAD_NAMES+=("$(load_name $l)"); done
@@ -610,9 +631,10 @@ log "$ROUNDS round(s) x $runs_per_round runs of ${SECONDS_RUN}s (about $eta min)
 # short unrecorded warm-up: connections up, caches (where any) filled
 log "warm-up"
 for t in "${RUN_TARGETS[@]}"; do
-    mode=udp
+    mode=udp port=${PORT_OF[$t]}
     [ "$t" = direct-dot ] && mode=dot
-    timeout 30 dnsperf -m "$mode" -s 127.0.0.1 -p "${PORT_OF[$t]}" -d "$QUERIES" \
+    [ "$t" = dotproxy-dot ] && mode=dot port=$DOTPROXY_DOT_TLS
+    timeout 30 dnsperf -m "$mode" -s 127.0.0.1 -p "$port" -d "$QUERIES" \
         -l 2 -c "$CLIENTS" -q 200 -t "$TIMEOUT" >/dev/null 2>&1 || true
 done
 # the Zipf instances too, with the Zipf queries: their first runs then start
