@@ -74,7 +74,13 @@ python_tools() {
         echo "installing $REQUIREMENTS into $VENV"
         rm -rf "$VENV"
         mkdir -p "$(dirname "$VENV")"
-        python3 -m venv "$VENV"
+        # Debian's own python3 makes virtualenvs only with python3-venv
+        if ! python3 -m venv "$VENV"; then
+            echo "installing python3-venv"
+            apt_install python3-venv
+            rm -rf "$VENV"
+            python3 -m venv "$VENV"
+        fi
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
             --require-hashes --only-binary :all: -r "$REQUIREMENTS"
         echo "$want" >"$stamp"
