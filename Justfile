@@ -64,9 +64,14 @@ cross-image:
 cross-test:
     scripts/cross-test.sh
 
-# Kubernetes manifests and the systemd unit: static checks
+# Kubernetes manifests, the Dockerfile and the systemd unit: static checks
 deploy-check:
+    scripts/supply-check.sh manifests
     scripts/deploy-check.sh
+
+# cargo deny, the manifests (kubernetes-validate, checkov) and line coverage, as CI runs them: just supply-check [deny|manifests|coverage]
+supply-check *ARGS:
+    scripts/supply-check.sh "$@"
 
 # dig/kdig/mdig/dnsperf against the release binary through unbound (DoT), as root
 peers: build

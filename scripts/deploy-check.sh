@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Static checks of deploy/: no cluster, no systemd as PID 1 needed.
+# Static checks of the systemd unit in deploy/: no systemd as PID 1 needed.
+# (The Kubernetes manifests are checked by scripts/supply-check.sh manifests:
+# kubernetes-validate and checkov; `just deploy-check` runs both.)
 #
-#   1. deploy/check-manifests.py over deploy/kubernetes/ (PyYAML)
-#   2. systemd-analyze verify, both ways the service runs: deploy/dotproxy.service
+#   1. systemd-analyze verify, both ways the service runs: deploy/dotproxy.service
 #      alone, and with deploy/dotproxy.socket and the drop-in
 #      deploy/dotproxy.service.d/socket.conf; ExecStart pointed at a stand-in
 #      executable (the unit names /usr/local/bin/dotproxy, which need not be
 #      installed here)
-#   3. systemd-analyze security --offline, both ways: exposure score, must stay
+#   2. systemd-analyze security --offline, both ways: exposure score, must stay
 #      <= 2.0
 #
 # Usage: scripts/deploy-check.sh      (CI: bash scripts/deploy-check.sh)
-# Installs python3-yaml when no python3 can import yaml. Steps 2 and 3 are
-# skipped, with a note, where systemd-analyze is missing or too old.
-# Ends with "deploy-check: N passed, N failed"; exits 1 if a step failed.
+# Both steps are skipped, with a note, where systemd-analyze is missing or
+# too old. Ends with "deploy-check: N passed, N failed"; exits 1 if a step
+# failed.
 set -euo pipefail
 
 LIB=$(dirname "$(readlink -f "$0")")/lib
@@ -27,21 +28,6 @@ DROPIN=deploy/dotproxy.service.d/socket.conf
 MAX_EXPOSURE=2.0
 T=$(mktemp -d "${TMPDIR:-/tmp}/dotproxy-deploy-check.XXXXXX")
 at_exit rm -rf "$T"
-
-log "Kubernetes manifests"
-if ! python3 -c 'import yaml' 2>/dev/null && ! /usr/bin/python3 -c 'import yaml' 2>/dev/null; then
-    echo "installing python3-yaml"
-    apt_install python3-yaml
-fi
-rc=0
-python3 deploy/check-manifests.py >"$T/manifests.log" 2>&1 || rc=$?
-grep -E '^(FAIL|error)' "$T/manifests.log" || true
-if [ "$rc" = 0 ]; then
-    pass "deploy/check-manifests.py: $(tail -n 1 "$T/manifests.log")"
-else
-    cat "$T/manifests.log"
-    fail "deploy/check-manifests.py" "exit $rc"
-fi
 
 log "systemd unit"
 if ! command -v systemd-analyze >/dev/null 2>&1; then
