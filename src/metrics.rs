@@ -13,6 +13,8 @@ use crate::wire::Rcode;
 pub struct Stats {
     pub queries_udp: u64,
     pub queries_tcp: u64,
+    /// Of `queries_tcp`, those that came over TLS (`--listen-tls`).
+    pub queries_tls: u64,
     pub answers: u64,
     pub servfail: u64,
     pub timeouts: u64,
@@ -162,7 +164,12 @@ fn client_side(e: &mut Exposition, s: &Stats) {
         "Queries received from clients, by transport.",
     );
     e.sample("dotproxy_queries_total", &[("transport", "udp")], s.queries_udp);
-    e.sample("dotproxy_queries_total", &[("transport", "tcp")], s.queries_tcp);
+    e.sample(
+        "dotproxy_queries_total",
+        &[("transport", "tcp")],
+        s.queries_tcp - s.queries_tls,
+    );
+    e.sample("dotproxy_queries_total", &[("transport", "tls")], s.queries_tls);
     e.header(
         "dotproxy_answers_total",
         "counter",

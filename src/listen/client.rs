@@ -171,6 +171,10 @@ impl Client {
         self.handshake.take()
     }
 
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// TLS records (a handshake flight, an alert) wait to be written.
     pub fn wants_write(&self) -> bool {
         self.tls.as_ref().is_some_and(|t| t.wants_write())

@@ -251,6 +251,11 @@ impl Clients {
         Ok((key, evicted))
     }
 
+    /// Whether client `key` speaks DNS over TLS.
+    pub fn is_tls(&self, key: usize) -> bool {
+        self.slab.get(key).is_some_and(Client::is_tls)
+    }
+
     pub fn peer(&self, key: usize) -> Option<SocketAddr> {
         self.slab.get(key).map(Client::peer)
     }

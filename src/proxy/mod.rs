@@ -553,7 +553,10 @@ impl Proxy {
         // now; open ones keep their session. A broken file changes nothing.
         if let Some(t) = cfg.tls.as_ref().filter(|_| self.tls_server.is_some()) {
             match crate::listen::tls::server_config(t) {
-                Ok(c) => self.tls_server = Some(c),
+                Ok(c) => {
+                    self.tls_server = Some(c);
+                    info!("reload: TLS listener certificate read again from {}", t.cert.display());
+                }
                 Err(e) => warn!("reload: keeping the TLS listener's certificate: {e}"),
             }
         }

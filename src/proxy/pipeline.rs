@@ -142,11 +142,13 @@ impl Proxy {
         let reading = self.stopping.is_none();
         let Some(gen) = self.clients.gen(key) else { return };
         let ip = self.clients.peer(key).map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+        let tls = self.clients.is_tls(key);
         let mut frame = std::mem::take(&mut self.bufs.frame);
         loop {
             match self.clients.next_query(key, &mut frame, reading, now) {
                 Some(NextQuery::Query) => {
                     self.stats.queries_tcp += 1;
+                    self.stats.queries_tls += u64::from(tls);
                     // Copied, not swapped: `frame` grows to the largest
                     // answer seen and must not end up in the query pool.
                     let mut msg = self.bufs.take();

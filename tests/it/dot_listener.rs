@@ -125,6 +125,8 @@ fn pipelined_queries_over_tls_are_answered_with_alpn_dot() {
         m.labeled("dotproxy_tls_handshakes_total", "result", "ok") >= 2.0
     });
     assert!(ok, "{:?}", m.samples);
+    assert_eq!(m.labeled("dotproxy_queries_total", "transport", "tls"), 53.0);
+    assert_eq!(m.labeled("dotproxy_queries_total", "transport", "tcp"), 0.0);
     c.send_close_notify().expect("close_notify");
     assert!(matches!(
         c.next_event(deadline_ms(2000)),
