@@ -57,6 +57,8 @@ struct Settings {
     stale_after: Duration,
     prefetch: bool,
     watch_config: Option<Duration>,
+    /// --tcp-idle-timeout, told to clients that send edns-tcp-keepalive.
+    tcp_idle: Duration,
 }
 
 impl Settings {
@@ -71,6 +73,7 @@ impl Settings {
             stale_after: cfg.cache.stale_after,
             prefetch: cfg.cache.prefetch,
             watch_config: cfg.config_file.as_ref().and(cfg.watch_config),
+            tcp_idle: cfg.limits.tcp_idle,
         }
     }
 

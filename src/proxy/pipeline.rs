@@ -19,7 +19,7 @@ use crate::queries::{Admit, NewQuery, Origin, QueryRef};
 use crate::timers::Timer;
 use crate::upstream::pool::Outgoing;
 use crate::upstream::Answer;
-use crate::wire::build::{build_error, build_truncated, pad_query};
+use crate::wire::build::{add_keepalive, build_error, build_truncated, pad_query};
 use crate::wire::query::parse_query;
 use crate::wire::response::{parse_response, restore_for_client, strip_answer, without_ede};
 use crate::wire::{BadResponse, Ede, Header, Query, Rcode, Reject, MAX_UDP};
@@ -550,7 +550,25 @@ impl Proxy {
                 }
             }
             Origin::Tcp { key, gen } => {
-                if let Err(Gone::TooSlow(peer)) = self.clients.deliver(key, gen, answer, now) {
+                // RFC 7828 §3.3.2: a client that asked learns how long an
+                // idle connection stays open.
+                let mut t = std::mem::take(&mut self.bufs.truncated);
+                let answer = match query.filter(|q| q.tcp_keepalive) {
+                    Some(_) => {
+                        t.clear();
+                        t.extend_from_slice(answer);
+                        let timeout = (self.settings.tcp_idle.as_millis() / 100).min(u128::from(u16::MAX)) as u16;
+                        if add_keepalive(&mut t, timeout) {
+                            &t[..]
+                        } else {
+                            answer
+                        }
+                    }
+                    None => answer,
+                };
+                let delivered = self.clients.deliver(key, gen, answer, now);
+                self.bufs.truncated = t;
+                if let Err(Gone::TooSlow(peer)) = delivered {
                     self.stats.tcp_closed.too_slow += 1;
                     let what = format_args!("tcp client {peer} closed: does not read its answers");
                     self.notices.warn(Notice::SlowReader, now, what);

@@ -183,23 +183,40 @@ pub fn pad_query(out: &mut Vec<u8>, msg: &[u8], info: &Query, block: u16, keepal
 /// nothing changed) when the answer has no OPT, or records follow it
 /// (cutting into them would shift names that pointers lead to).
 pub fn add_ede(answer: &mut Vec<u8>, ede: Ede) -> bool {
+    add_option(
+        answer,
+        OPT_EDE,
+        &[&u16::from(ede.code).to_be_bytes(), ede.text.as_bytes()],
+    )
+}
+
+/// Add edns-tcp-keepalive with this TIMEOUT (units of 100 ms, RFC 7828
+/// §3.2.2) to an answer whose OPT is its last record.
+pub fn add_keepalive(answer: &mut Vec<u8>, timeout: u16) -> bool {
+    add_option(answer, super::OPT_TCP_KEEPALIVE, &[&timeout.to_be_bytes()])
+}
+
+/// Append one EDNS option, its data in `parts`, to the answer's OPT record
+/// when that is the last record (as in every answer dotproxy sends on).
+fn add_option(answer: &mut Vec<u8>, code: u16, parts: &[&[u8]]) -> bool {
     let Ok(w) = super::query::walk(answer) else {
         return false;
     };
     let Some(o) = w.opt.filter(|o| o.end == w.end && w.end == answer.len()) else {
         return false;
     };
-    let text = ede.text.as_bytes();
-    let Ok(optlen) = u16::try_from(2 + text.len()) else {
+    let Ok(optlen) = u16::try_from(parts.iter().map(|p| p.len()).sum::<usize>()) else {
         return false;
     };
-    let Some(rdlen) = u16_at(answer, o.rdata - 2).and_then(|n| n.checked_add(4 + optlen)) else {
+    let Some(rdlen) = u16_at(answer, o.rdata - 2).and_then(|n| n.checked_add(optlen).and_then(|n| n.checked_add(4)))
+    else {
         return false;
     };
     put_u16(answer, o.rdata - 2, rdlen);
-    answer.extend_from_slice(&OPT_EDE.to_be_bytes());
+    answer.extend_from_slice(&code.to_be_bytes());
     answer.extend_from_slice(&optlen.to_be_bytes());
-    answer.extend_from_slice(&u16::from(ede.code).to_be_bytes());
-    answer.extend_from_slice(text);
+    for p in parts {
+        answer.extend_from_slice(p);
+    }
     true
 }

@@ -117,6 +117,9 @@ pub struct Query {
     /// It carries an EDNS Client Subnet option (RFC 7871), which is removed
     /// before it goes upstream.
     pub client_subnet: bool,
+    /// The client sent edns-tcp-keepalive (RFC 7828): over TCP it gets
+    /// the idle timeout in the answer.
+    pub tcp_keepalive: bool,
     /// The question name in canonical form: for keys, zones and matching.
     name: Name,
 }
@@ -196,12 +199,15 @@ pub fn parse_query(msg: &[u8], max_len: usize) -> Result<Query, Reject> {
         return Err(formerr("trailing bytes"));
     }
     // RFC 6891 §6.1.2: options must fill the RDATA exactly.
-    let mut client_subnet = false;
+    let (mut client_subnet, mut tcp_keepalive) = (false, false);
     if let Some(o) = walked.opt {
         for option in options(msg.get(o.rdata..o.end).unwrap_or_default()) {
             match option {
                 Err(_) => return Err(formerr("OPT option runs past its record")),
-                Ok((code, _)) => client_subnet |= code == OPT_CLIENT_SUBNET,
+                Ok((code, _)) => {
+                    client_subnet |= code == OPT_CLIENT_SUBNET;
+                    tcp_keepalive |= code == super::OPT_TCP_KEEPALIVE;
+                }
             }
         }
     }
@@ -215,6 +221,7 @@ pub fn parse_query(msg: &[u8], max_len: usize) -> Result<Query, Reject> {
         edns: walked.opt.map(|o| o.edns),
         opt: walked.opt,
         client_subnet,
+        tcp_keepalive,
         name,
     };
     if query.edns.is_some_and(|e| e.version != 0) {

@@ -262,3 +262,35 @@ fn tls_listener_options_go_together() {
     }
     let _ = Setup::new;
 }
+
+/// edns-tcp-keepalive (RFC 7828): a client that sends the option over TCP
+/// or TLS learns the idle timeout (--tcp-idle-timeout 4000 = 40 units of
+/// 100 ms); over UDP it is never sent (§3.2.1), and a client that did not
+/// ask does not get it.
+#[test]
+fn edns_tcp_keepalive_is_answered_over_tcp_and_tls_only() {
+    use crate::util::wire::{opt_of, query_opt, OptSpec};
+    use crate::util::{tcp_exchange, udp_exchange, Message};
+    let d = start(&["--tcp-idle-timeout", "4000"]);
+    let ask = |id: u16, keepalive: bool| {
+        let opt = OptSpec::new(1232);
+        let opt = if keepalive { opt.option(11, &[]) } else { opt };
+        query_opt(id, "keepalive.example", opt)
+    };
+    let keepalive_of = |r: &[u8]| {
+        let (_, opts) = opt_of(&Message::must(r)).expect("an OPT in the answer");
+        opts.into_iter().find(|(c, _)| *c == 11).map(|(_, v)| v)
+    };
+    let tcp = tcp_exchange(d.proxy.tcp_addr(), &ask(1, true), deadline_ms(3000)).expect("tcp answer");
+    assert_eq!(keepalive_of(&tcp), Some(40u16.to_be_bytes().to_vec()));
+    let mut c = connect(&d, trusting(&d.ca)).expect("handshake");
+    c.send(&[ask(2, true)]).expect("send");
+    let TlsEvent::Frame(tls) = c.next_event(deadline_ms(3000)) else {
+        panic!("no tls answer")
+    };
+    assert_eq!(keepalive_of(&tls), Some(40u16.to_be_bytes().to_vec()));
+    let udp = udp_exchange(d.proxy.udp_addr(), &ask(3, true), deadline_ms(3000)).expect("udp answer");
+    assert_eq!(keepalive_of(&udp), None);
+    let plain = tcp_exchange(d.proxy.tcp_addr(), &ask(4, false), deadline_ms(3000)).expect("tcp answer");
+    assert_eq!(keepalive_of(&plain), None);
+}
