@@ -33,7 +33,7 @@ cd "$LIB/../.."
 # The Kubernetes version the manifests are validated for (README says which)
 KUBERNETES_VERSION=1.35.0
 # Line coverage of src/ must not fall under this (README has today's figure)
-COVERAGE_FLOOR=93
+COVERAGE_FLOOR=92
 
 CARGO_DENY_VERSION=0.20.2
 CARGO_LLVM_COV_VERSION=0.9.1
