@@ -94,25 +94,7 @@ at_exit cross_exit
 at_exit manifest_exit
 
 # ---------------------------------------------------------------- ports
-USED_PORTS=" "
-port_in_use() {
-    [ -n "$(ss -Htuan "( sport = :$1 )" 2>/dev/null)" ]
-}
-# pick_port VAR: a free port in 20000..32767 (below the ephemeral range), as
-# in tests/peers/run.sh
-pick_port() {
-    local p i
-    for ((i = 0; i < 100; i++)); do
-        p=$((20000 + RANDOM % 12768))
-        case $USED_PORTS in *" $p "*) continue ;; esac
-        if ! port_in_use "$p"; then
-            USED_PORTS="$USED_PORTS$p "
-            printf -v "$1" '%s' "$p"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
+# pick_port VAR (scripts/lib/common.sh): a free loopback port
 
 # ---------------------------------------------------------------- setup
 PACKAGES=(qemu-user-static unbound dnsutils openssl iproute2 procps file podman buildah musl-tools)

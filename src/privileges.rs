@@ -185,39 +185,38 @@ fn not_found(rc: libc::c_int) -> bool {
 const MAX_ENTRY: usize = 1 << 20;
 
 fn lookup_user(name: &str) -> io::Result<Option<(libc::uid_t, libc::gid_t)>> {
-    let cname = CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let mut buf = vec![0 as libc::c_char; 1024];
-    loop {
-        // SAFETY: passwd is plain data; all-zero is a valid value.
-        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: a NUL-terminated name, a live passwd, a buffer of the
-        // length passed, and a live result pointer.
-        let rc = unsafe { libc::getpwnam_r(cname.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
-        if rc == libc::ERANGE && buf.len() < MAX_ENTRY {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if found.is_null() {
-            return if not_found(rc) {
-                Ok(None)
-            } else {
-                Err(io::Error::from_raw_os_error(rc))
-            };
-        }
-        return Ok(Some((pw.pw_uid, pw.pw_gid)));
-    }
+    // SAFETY: passwd is plain data (all-zero is a valid value); the call
+    // gets a NUL-terminated name, a live passwd, a buffer of the length
+    // passed and a live result pointer.
+    lookup(name, |n, pw: &mut libc::passwd, buf, found| unsafe {
+        libc::getpwnam_r(n, pw, buf.as_mut_ptr(), buf.len(), found)
+    })
+    .map(|pw| pw.map(|pw| (pw.pw_uid, pw.pw_gid)))
 }
 
 fn lookup_group(name: &str) -> io::Result<Option<libc::gid_t>> {
+    // SAFETY: as in lookup_user, for group and getgrnam_r.
+    lookup(name, |n, gr: &mut libc::group, buf, found| unsafe {
+        libc::getgrnam_r(n, gr, buf.as_mut_ptr(), buf.len(), found)
+    })
+    .map(|gr| gr.map(|gr| gr.gr_gid))
+}
+
+/// The `get*nam_r` protocol: a larger buffer on ERANGE, "no such entry"
+/// told from an error. `E` is a C entry struct (passwd, group), for which
+/// all-zero bytes are a valid value; only the IDs are read from it, never
+/// the pointers into `buf`.
+fn lookup<E>(
+    name: &str,
+    get: impl Fn(*const libc::c_char, &mut E, &mut [libc::c_char], &mut *mut E) -> libc::c_int,
+) -> io::Result<Option<E>> {
     let cname = CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     let mut buf = vec![0 as libc::c_char; 1024];
     loop {
-        // SAFETY: group is plain data; all-zero is a valid value.
-        let mut gr: libc::group = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: as in lookup_user.
-        let rc = unsafe { libc::getgrnam_r(cname.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut found) };
+        // SAFETY: E is one of the plain C entry structs (see above).
+        let mut entry: E = unsafe { std::mem::zeroed() };
+        let mut found: *mut E = std::ptr::null_mut();
+        let rc = get(cname.as_ptr(), &mut entry, &mut buf, &mut found);
         if rc == libc::ERANGE && buf.len() < MAX_ENTRY {
             buf.resize(buf.len() * 2, 0);
             continue;
@@ -229,7 +228,7 @@ fn lookup_group(name: &str) -> io::Result<Option<libc::gid_t>> {
                 Err(io::Error::from_raw_os_error(rc))
             };
         }
-        return Ok(Some(gr.gr_gid));
+        return Ok(Some(entry));
     }
 }
 

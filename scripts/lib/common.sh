@@ -14,6 +14,9 @@
 #   run_or_die LOG WHAT CMD...  run CMD with its output in LOG; if it fails,
 #                            show LOG on stderr and die "WHAT"
 #   show_logs LINES FILE...  the last LINES lines of each non-empty FILE
+# Ports
+#   pick_port VAR            a free TCP/UDP port in 20000..32767 into VAR, not
+#                            yet handed out by this script
 # Checks (counters PASSES FAILS SKIPS, names of the failed ones in FAILED)
 #   pass NAME | fail NAME [WHY] | skip NAME [WHY]   one "PASS  NAME" line etc.
 #   checks_done LABEL        blank line, "LABEL: N passed, N failed[, N
@@ -268,4 +271,26 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get "$q" -y -o DPkg::Lock::Timeout=600 \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         install --no-install-recommends "$@"
+}
+
+# ---------------------------------------------------------------- ports
+USED_PORTS=" "
+port_in_use() {
+    [ -n "$(ss -Htuan "( sport = :$1 )" 2>/dev/null)" ]
+}
+# pick_port VAR: a free port in 20000..32767 (below Linux's default
+# ephemeral range, so an outgoing connection cannot take it between the check
+# and the bind), not yet handed out here
+pick_port() {
+    local p i
+    for ((i = 0; i < 100; i++)); do
+        p=$((20000 + RANDOM % 12768))
+        case $USED_PORTS in *" $p "*) continue ;; esac
+        if ! port_in_use "$p"; then
+            USED_PORTS="$USED_PORTS$p "
+            printf -v "$1" '%s' "$p"
+            return 0
+        fi
+    done
+    die "no free port found"
 }

@@ -91,26 +91,7 @@ at_exit stop_tracked 2
 at_exit peers_exit
 
 # ---------------------------------------------------------------- ports
-USED_PORTS=" "
-port_in_use() {
-    [ -n "$(ss -Htuan "( sport = :$1 )" 2>/dev/null)" ]
-}
-# pick_port VAR: a free port in 20000..32767 (below Linux's default
-# ephemeral range, so an outgoing connection cannot take it between the check
-# and the bind), not yet handed out here
-pick_port() {
-    local p i
-    for ((i = 0; i < 100; i++)); do
-        p=$((20000 + RANDOM % 12768))
-        case $USED_PORTS in *" $p "*) continue ;; esac
-        if ! port_in_use "$p"; then
-            USED_PORTS="$USED_PORTS$p "
-            printf -v "$1" '%s' "$p"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
+# pick_port VAR (scripts/lib/common.sh): a free loopback port
 
 # ---------------------------------------------------------------- certificates
 log "work directory: $WORK"
