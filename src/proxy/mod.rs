@@ -112,11 +112,13 @@ impl Buffers {
 }
 
 /// Descriptors kept for everything but TCP clients: stdio, poll, signals
-/// and slack; both sockets of each listener; every upstream's connections;
-/// the metrics server's.
+/// and slack (which also covers sockets passed by systemd in place of
+/// --listen); both sockets of each listener, one per TLS listener; every
+/// upstream's connections; the metrics server's.
 fn reserved_fds(cfg: &Config) -> u64 {
     let upstreams = (cfg.upstreams.len() + cfg.forwards.len()) as u64;
     32 + 2 * cfg.listen.len() as u64
+        + cfg.listen_tls.len() as u64
         + upstreams * crate::upstream::pool::MAX_CONNS_PER_UPSTREAM as u64
         + crate::http::MAX_CONNS as u64
 }
