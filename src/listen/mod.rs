@@ -34,6 +34,7 @@ pub enum Accept {
     Retry(io::Error),
 }
 
+#[derive(Default)]
 pub struct Listeners {
     udp: Vec<UdpListener>,
     tcp: Vec<Option<TcpListener>>,
@@ -55,13 +56,7 @@ impl Listeners {
         if addrs.len() > MAX_LISTENERS {
             return Err(format!("at most {MAX_LISTENERS} listen addresses"));
         }
-        let mut l = Listeners {
-            udp: Vec::new(),
-            tcp: Vec::new(),
-            retry_armed: Vec::new(),
-            tls: Vec::new(),
-            bound: Vec::new(),
-        };
+        let mut l = Listeners::default();
         for (i, &addr) in addrs.iter().enumerate() {
             let (mut u, mut t) =
                 socket::bind_pair(addr, reuseport).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -77,9 +72,7 @@ impl Listeners {
             l.bound.push(("udp", ua));
             l.bound.push(("tcp", ta));
             l.udp.push(UdpListener::new(u, max_query));
-            l.tcp.push(Some(t));
-            l.retry_armed.push(false);
-            l.tls.push(false);
+            l.push_tcp(t, false);
         }
         Ok(l)
     }
@@ -92,13 +85,7 @@ impl Listeners {
         max_query: usize,
         registry: &Registry,
     ) -> Result<Listeners, String> {
-        let mut l = Listeners {
-            udp: Vec::new(),
-            tcp: Vec::new(),
-            retry_armed: Vec::new(),
-            tls: Vec::new(),
-            bound: Vec::new(),
-        };
+        let mut l = Listeners::default();
         for passed in fds {
             let from = match &passed.name {
                 Some(name) => format!("passed by systemd, {name:?}"),
@@ -127,9 +114,7 @@ impl Listeners {
                         .map_err(|e| format!("register tcp {addr}: {e}"))?;
                     info!("listening on tcp {addr} ({from})");
                     l.bound.push(("tcp", addr));
-                    l.tcp.push(Some(t));
-                    l.retry_armed.push(false);
-                    l.tls.push(false);
+                    l.push_tcp(t, false);
                 }
             }
         }
@@ -157,11 +142,17 @@ impl Listeners {
             let ta = t.local_addr().map_err(|e| e.to_string())?;
             info!("listening on tls {ta}");
             self.bound.push(("tls", ta));
-            self.tcp.push(Some(t));
-            self.retry_armed.push(false);
-            self.tls.push(true);
+            self.push_tcp(t, true);
         }
         Ok(())
+    }
+
+    /// A TCP listener at the next index (its token's), with its retry flag
+    /// and whether it serves DNS over TLS kept beside it.
+    fn push_tcp(&mut self, t: TcpListener, tls: bool) {
+        self.tcp.push(Some(t));
+        self.retry_armed.push(false);
+        self.tls.push(tls);
     }
 
     /// Whether TCP listener `i` serves DNS over TLS.

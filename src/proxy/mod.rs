@@ -193,7 +193,7 @@ impl Proxy {
         let nofile = crate::listen::socket::raise_nofile();
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let max_query = cfg.limits.max_query_size;
-        let listeners = match passed {
+        let mut listeners = match passed {
             Some(fds) => {
                 info!(
                     "serving on the {} sockets passed by systemd; --listen is not bound",
@@ -203,7 +203,6 @@ impl Proxy {
             }
             None => Listeners::bind(&cfg.listen, cfg.reuseport, max_query, poll.registry())?,
         };
-        let mut listeners = listeners;
         let tls_server = cfg.tls.as_ref().map(crate::listen::tls::server_config).transpose()?;
         listeners.bind_tls(&cfg.listen_tls, cfg.reuseport, poll.registry())?;
         let pool = Pool::new(cfg)?;
