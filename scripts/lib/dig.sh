@@ -14,6 +14,10 @@
 #   expect CHECK OUTPUT STATUS [ERE]
 #                           pass CHECK if OUTPUT has rcode STATUS (and a line
 #                           matching ERE); else fail it and show OUTPUT
+#   expect_zone PREFIX PORT ZONE
+#                           over UDP and over TCP: a.ZONE A is 192.0.2.10,
+#                           aaaa.ZONE AAAA is 2001:db8::10, nx.ZONE NXDOMAIN
+#                           (the records of the scripts' unbound upstream)
 
 _dig() {
     if [ -n "${DIG_NETNS:-}" ]; then
@@ -55,4 +59,17 @@ expect() {
         return 0
     fi
     printf '%s\n' "$out" | sed 's/^/      | /' | head -n 40 || true
+}
+
+expect_zone() {
+    local prefix=$1 port=$2 zone=$3 mode opt a_re aaaa_re
+    a_re=$(rr_re "a.$zone" A 192.0.2.10)
+    aaaa_re=$(rr_re "aaaa.$zone" AAAA 2001:db8::10)
+    for mode in udp tcp; do
+        opt=+notcp
+        [ "$mode" = tcp ] && opt=+tcp
+        expect "${prefix}dig $mode: a.$zone A" "$(dig_at "$port" "$opt" "a.$zone" A)" NOERROR "$a_re"
+        expect "${prefix}dig $mode: aaaa.$zone AAAA" "$(dig_at "$port" "$opt" "aaaa.$zone" AAAA)" NOERROR "$aaaa_re"
+        expect "${prefix}dig $mode: nx.$zone A" "$(dig_at "$port" "$opt" "nx.$zone" A)" NXDOMAIN
+    done
 }
