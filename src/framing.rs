@@ -44,6 +44,20 @@ impl FrameDecoder {
         self.buf.get_mut(len..).unwrap_or_default()
     }
 
+    /// Read up to `want` bytes from `r` (rustls' plaintext, which said how
+    /// much it holds) straight into the buffer.
+    pub fn read_from(&mut self, r: &mut impl std::io::Read, want: usize) {
+        let buf = self.spare(want);
+        let mut got = 0;
+        while got < want {
+            match r.read(buf.get_mut(got..).unwrap_or_default()) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        self.commit(want, got);
+    }
+
     /// Keep `used` of the bytes last offered by [`spare`](Self::spare).
     pub fn commit(&mut self, offered: usize, used: usize) {
         let keep = self.buf.len() - offered + used.min(offered);

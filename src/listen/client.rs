@@ -255,15 +255,7 @@ impl Client {
                 }
                 let want = state.plaintext_bytes_to_read();
                 if want > 0 {
-                    let spare = self.decoder.spare(want);
-                    let mut got = 0;
-                    while got < want {
-                        match tls.reader().read(spare.get_mut(got..).unwrap_or_default()) {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => got += k,
-                        }
-                    }
-                    self.decoder.commit(want, got);
+                    self.decoder.read_from(&mut tls.reader(), want);
                 }
                 if state.peer_has_closed() {
                     self.eof = true;

@@ -691,15 +691,7 @@ impl<S: Transport> UpstreamConn<S> {
         };
         let want = state.plaintext_bytes_to_read();
         if want > 0 {
-            let buf = self.decoder.spare(want);
-            let mut got = 0;
-            while got < want {
-                match tls.reader().read(buf.get_mut(got..).unwrap_or(&mut [])) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got += n,
-                }
-            }
-            self.decoder.commit(want, got);
+            self.decoder.read_from(&mut tls.reader(), want);
         }
         Ok(state.peer_has_closed())
     }
